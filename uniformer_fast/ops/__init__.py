@@ -1,0 +1,15 @@
+"""The op layer: every depthwise convolution and attention of the model goes through here.
+
+Backends are chosen in :mod:`uniformer_fast.ops.backend`; ``"reference"`` (plain PyTorch) is the
+ground truth for all others.
+"""
+from .attention import attention
+from .backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
+                      set_backend, use_backend)
+from .dwconv3d import dwconv3d
+from .reference import attention_reference, dwconv3d_reference
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "attention", "attention_reference", "available_backends",
+    "dwconv3d", "dwconv3d_reference", "get_backend", "set_backend", "use_backend",
+]

@@ -1,0 +1,53 @@
+"""Joint multi-head self-attention over packed qkv (the Global MHRA): validation and dispatch."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+from . import backend as _backend
+from ._validate import check_tensor
+from .reference import attention_reference
+
+_backend.define_op("attention", auto={"cuda": ("triton", "sdpa", "reference"),
+                                      "cpu": ("sdpa", "reference")})
+_backend.register("attention", "reference")(attention_reference)
+
+
+def _validate(qkv, num_heads, scale, dropout_p):
+    check_tensor("qkv", qkv, ndim=3, form="(B, N, 3 * num_heads * head_dim)")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
+    if qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(f"qkv's last dimension must be divisible by 3 * num_heads = {3 * num_heads} "
+                         f"(shape (B, N, 3 * num_heads * head_dim)); got {tuple(qkv.shape)}")
+    if qkv.shape[0] == 0 or qkv.shape[1] == 0:
+        raise ValueError(f"qkv must have B >= 1 and N >= 1; got shape {tuple(qkv.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    if not (isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
+
+
+def attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = None,
+              dropout_p: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
+    """Softmax attention of every token over every token, per head.
+
+    Args:
+        qkv: (B, N, 3 * C), the output of the qkv Linear, read as (B, N, 3, num_heads, head_dim).
+        num_heads: number of heads; head_dim = C // num_heads.
+        scale: logit scale; defaults to head_dim ** -0.5.
+        dropout_p: dropout on the attention probabilities (pass 0 in eval mode).
+        backend: ``"reference"``, ``"sdpa"``, ``"triton"`` or ``"auto"``; ``None`` takes the one set
+            by :func:`use_backend` / :func:`set_backend`.
+
+    Returns:
+        (B, N, C), heads concatenated, ready for the output projection.
+    """
+    _validate(qkv, num_heads, scale, dropout_p)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    _, fn = _backend.resolve("attention", backend, qkv.device, qkv, num_heads, scale, dropout_p)
+    return fn(qkv, num_heads, scale, dropout_p)

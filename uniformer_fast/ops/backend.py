@@ -1,0 +1,128 @@
+"""The one place that decides which implementation of an op runs.
+
+Every op (``dwconv3d``, ``attention``) registers its implementations here under a backend name.
+A call resolves its backend in this order: the ``backend=`` argument, then the innermost
+``use_backend`` context, then the process default set by ``set_backend`` (``"auto"`` unless
+changed). ``"auto"`` walks the op's preference list for the tensors' device type and takes the
+first implementation that can run them. A backend asked for by name either runs or raises
+:class:`BackendUnavailableError` saying why: never a silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cpp", "sdpa")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name and cannot run the given call."""
+
+
+@dataclass(frozen=True)
+class _Impl:
+    fn: Callable
+    # Returns None when the implementation can run these arguments, else the reason it cannot.
+    why_not: Callable[..., Optional[str]]
+
+
+@dataclass
+class _Op:
+    name: str
+    auto: dict  # device type -> tuple of backend names, most preferred first
+    impls: dict  # backend name -> _Impl
+
+
+_OPS: dict[str, _Op] = {}
+_default_backend = "auto"
+_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "uniformer_fast_backend", default=None)
+
+
+def _check_name(name, argname="backend"):
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{argname} must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    return name
+
+
+def define_op(name: str, *, auto: dict) -> None:
+    """Declare an op and its ``"auto"`` preference per device type (``"cuda"``, ``"cpu"``, ...)."""
+    for order in auto.values():
+        for backend in order:
+            _check_name(backend)
+    _OPS[name] = _Op(name, {k: tuple(v) for k, v in auto.items()}, {})
+
+
+def register(op: str, backend: str, why_not: Optional[Callable[..., Optional[str]]] = None):
+    """Decorator: register ``fn`` as ``op``'s implementation for ``backend``.
+
+    ``why_not(*args, **kwargs)`` takes the op's arguments and returns ``None`` if the implementation
+    can run them, or a short reason why not (e.g. "needs CUDA tensors").
+    """
+    _check_name(backend)
+    if backend == "auto":
+        raise ValueError("'auto' is a choice rule, not an implementation")
+
+    def wrap(fn):
+        _OPS[op].impls[backend] = _Impl(fn, why_not or (lambda *a, **k: None))
+        return fn
+
+    return wrap
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``"auto"`` initially)."""
+    global _default_backend
+    _default_backend = _check_name(name, "name")
+
+
+def get_backend() -> str:
+    """The backend name in force here: the innermost ``use_backend``, else the default."""
+    scoped = _scoped_backend.get()
+    return scoped if scoped is not None else _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed ops with backend ``name``; contexts nest and are per thread/task."""
+    token = _scoped_backend.set(_check_name(name, "name"))
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+def available_backends(op: str) -> tuple[str, ...]:
+    """Backends registered for ``op`` in this build (whether they can run a given call or not)."""
+    return tuple(_OPS[op].impls)
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device, *args, **kwargs):
+    """Return ``(backend_name, fn)`` for a call of ``op`` with these arguments."""
+    entry = _OPS[op]
+    name = get_backend() if backend is None else _check_name(backend)
+    if name != "auto":
+        impl = entry.impls.get(name)
+        if impl is None:
+            raise BackendUnavailableError(
+                f"{op}: backend {name!r} is not available in this build "
+                f"(available: {', '.join(entry.impls)})")
+        reason = impl.why_not(*args, **kwargs)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {name!r} cannot run this call: {reason}")
+        return name, impl.fn
+    reasons = []
+    for candidate in entry.auto.get(device.type, ("reference",)):
+        impl = entry.impls.get(candidate)
+        if impl is None:
+            continue
+        reason = impl.why_not(*args, **kwargs)
+        if reason is None:
+            return candidate, impl.fn
+        reasons.append(f"{candidate}: {reason}")
+    raise BackendUnavailableError(
+        f"{op}: no backend can run this call on {device.type} ({'; '.join(reasons) or 'none registered'})")

@@ -1,0 +1,40 @@
+"""Plain-PyTorch implementations: the ground truth every other backend is tested against.
+
+They compute exactly what the official UniFormer computes, in the input's dtype, and are
+differentiable through ordinary autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def dwconv3d_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       residual: bool = False) -> torch.Tensor:
+    """Depthwise 3-D convolution, stride 1, zero "same" padding.
+
+    x: (B, C, T, H, W), any memory format; weight: (C, 1, kt, kh, kw), odd sizes; bias: (C,) or None.
+    Returns ``conv(x) + bias`` (``+ x`` if ``residual``) in x's shape and memory format.
+    """
+    kt, kh, kw = weight.shape[2:]
+    y = F.conv3d(x, weight, bias, padding=(kt // 2, kh // 2, kw // 2), groups=x.shape[1])
+    return x + y if residual else y
+
+
+def attention_reference(qkv: torch.Tensor, num_heads: int, scale: float,
+                        dropout_p: float = 0.0) -> torch.Tensor:
+    """Multi-head self-attention with an explicit softmax, as the official model computes it.
+
+    qkv: (B, N, 3 * C), the qkv Linear's output, laid out as (B, N, 3, heads, head_dim).
+    Returns (B, N, C), heads concatenated along the last dimension.
+    """
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q @ k.transpose(-2, -1)) * scale
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p, training=True)
+    return (attn @ v).transpose(1, 2).reshape(B, N, C)
