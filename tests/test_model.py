@@ -1,0 +1,199 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import uniformer_fast as uf
+from uniformer_fast.official import OfficialUniFormer
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
+TINY = dict(depth=(1, 1, 2, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_classes=7)
+
+
+def spec(name):
+    path = SPEC / f"{name}_k400_state_dict.json"
+    if not path.exists():
+        pytest.skip(f"{path} not found (the shared spec sits beside the repository)")
+    return json.loads(path.read_text())
+
+
+def randomize(model):
+    """Non-trivial values everywhere, BN running statistics included, so parity means something."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                if name.endswith("running_var"):
+                    t.uniform_(0.5, 1.5)
+                else:
+                    t.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("name", ["uniformer_small", "uniformer_base"])
+def test_state_dict_equals_official_spec(name):
+    expected = spec(name)
+    sd = uf.create_model(name).state_dict()
+    assert list(sd) == list(expected)
+    assert {k: list(v.shape) for k, v in sd.items()} == expected
+
+
+@pytest.mark.parametrize("name,count", [("uniformer_small", 21_400_400), ("uniformer_base", 49_813_200)])
+def test_parameter_counts(name, count):
+    assert sum(p.numel() for p in uf.create_model(name).parameters()) == count
+
+
+def test_official_spec_loads_strictly():
+    sd = {k: torch.zeros(v) for k, v in spec("uniformer_small").items()}
+    model = uf.uniformer_small()
+    assert uf.load_checkpoint(model, sd) == ([], [])
+    model.load_state_dict(sd, strict=True)
+
+
+def test_registry():
+    assert uf.list_models() == ["uniformer_base", "uniformer_small"]
+    m = uf.create_model("uniformer_small", num_classes=10, depth=(1, 1, 1, 1))
+    assert m.depth == (1, 1, 1, 1) and m.head.out_features == 10
+    assert isinstance(uf.uniformer_base(num_classes=0).head, torch.nn.Identity)
+    with pytest.raises(ValueError, match="unknown model 'uniformer_huge'"):
+        uf.create_model("uniformer_huge")
+    with pytest.raises(TypeError):
+        uf.create_model("uniformer_small", not_an_arg=1)
+
+
+@pytest.mark.parametrize("T,H,W,std,out_thw", [
+    (1, 32, 32, False, (1, 1, 1)),
+    (8, 64, 64, False, (4, 2, 2)),
+    (5, 37, 45, False, (3, 1, 1)),
+    (16, 96, 64, True, (8, 3, 2)),
+    (3, 70, 33, True, (2, 2, 1)),
+])
+def test_shapes(T, H, W, std, out_thw):
+    model = uf.UniFormer(**TINY, std=std).eval()
+    x = torch.randn(2, 3, T, H, W)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 64) + out_thw
+        assert model(x).shape == (2, 7)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 64)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("std", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_matches_official_computation(split, std, train, assert_close):
+    torch.manual_seed(1)
+    cfg = dict(TINY, split=split, std=std)
+    ours = randomize(uf.UniFormer(**cfg).double()).train(train)
+    official = OfficialUniFormer(**cfg).double().train(train)
+    official.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 5, 64, 96, dtype=torch.float64, requires_grad=True)
+    y_ours, y_off = ours(x), official(x)
+    assert_close(y_ours, y_off, name="logits")
+    g = torch.randn_like(y_ours)
+    grads_ours = torch.autograd.grad(y_ours, [x, *ours.parameters()], g)
+    grads_off = torch.autograd.grad(y_off, [x, *official.parameters()], g)
+    names = ["x"] + [n for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, grads_ours, grads_off):
+        assert_close(a, b, name=name)
+    if train:  # BatchNorm running statistics move the same way
+        for (name, a), b in zip(ours.named_buffers(), official.buffers()):
+            assert_close(a.double(), b.double(), name=name)
+
+
+def test_activations_stay_channels_last():
+    model = uf.UniFormer(**TINY).eval()
+    seen = []
+    for blocks in (model.blocks1, model.blocks2, model.blocks3, model.blocks4):
+        for blk in blocks:
+            blk.register_forward_hook(lambda m, i, o: seen.append(
+                o.is_contiguous(memory_format=torch.channels_last_3d)))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 4, 64, 64))
+    assert seen and all(seen)
+
+
+def test_official_initialisation():
+    model = uf.UniFormer(**TINY, split=True)
+    blk = model.blocks3[0]
+    assert torch.all(blk.t_attn.qkv.weight == 0) and torch.all(blk.t_attn.qkv.bias == 0)
+    assert torch.all(blk.t_attn.proj.weight == 1) and torch.all(blk.t_attn.proj.bias == 0)
+    assert blk.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert blk.attn.qkv.weight.abs().max().item() <= 2.0  # truncated normal
+    assert torch.all(blk.attn.proj.bias == 0)
+    assert torch.all(blk.norm1.weight == 1) and torch.all(blk.norm1.bias == 0)
+    assert torch.all(model.patch_embed1.norm.weight == 1)
+    assert model.patch_embed1.norm.eps == 1e-5 and blk.norm1.eps == 1e-6
+
+
+def test_drop_path_rises_linearly():
+    model = uf.UniFormer(**TINY, drop_path_rate=0.25)
+    rates = [blk.drop_path.p for blocks in (model.blocks1, model.blocks2, model.blocks3, model.blocks4)
+             for blk in blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.25, 5).tolist())
+
+
+def test_dropouts_act_in_training_only():
+    model = uf.UniFormer(**TINY, drop_rate=0.2, attn_drop_rate=0.2, drop_path_rate=0.3)
+    x = torch.randn(2, 3, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_gradient_checkpointing_same_gradients(split, assert_close):
+    cfg = dict(TINY, split=split, drop_path_rate=0.2, drop_rate=0.1)
+    plain = randomize(uf.UniFormer(**cfg))
+    ckpt = uf.UniFormer(**cfg, checkpoint_num=(1, 1, 2, 1))
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 4, 64, 64)
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(123)  # same dropout masks; checkpointing replays the RNG state
+        model.train()
+        model(x).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for (name, _), a, b in zip(plain.named_parameters(), *grads):
+        assert_close(b, a, rtol=1e-5, name=name)
+
+
+def test_reset_classifier():
+    model = uf.UniFormer(**TINY).eval()
+    model.reset_classifier(3)
+    assert model.head.out_features == 3 and model.num_classes == 3
+    assert torch.all(model.head.bias == 0)
+    assert model(torch.randn(1, 3, 2, 32, 32)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 2, 32, 32)).shape == (1, 64)
+    assert model.get_classifier() is model.head
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-1)
+
+
+@pytest.mark.parametrize("x,err,match", [
+    (torch.randn(3, 8, 64, 64), ValueError, r"5-D tensor of shape \(B, 3, T, H, W\)"),
+    (torch.randn(1, 4, 8, 64, 64), ValueError, r"shape \(B, 3, T, H, W\) with H, W >= 32; got \(1, 4"),
+    (torch.zeros(1, 3, 8, 64, 64, dtype=torch.uint8), TypeError, r"floating-point .*\(B, 3, T, H, W\)"),
+    (torch.randn(1, 3, 8, 16, 64), ValueError, r"H, W >= 32; got \(1, 3, 8, 16, 64\)"),
+    (torch.randn(1, 3, 0, 64, 64), ValueError, r"\(B, 3, T, H, W\)"),
+    ([torch.randn(1, 3, 8, 64, 64)], TypeError, r"torch.Tensor of shape \(B, 3, T, H, W\)"),
+])
+def test_bad_input(x, err, match):
+    with pytest.raises(err, match=match):
+        uf.UniFormer(**TINY)(x)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(depth=(1, 1, 1)), "depth must be 4 positive ints"),
+    (dict(embed_dim=(16, 32, 64, 60)), "head_dim must be a positive int dividing"),
+    (dict(checkpoint_num=(2, 0, 0, 0)), "checkpoint_num must be 4 ints"),
+    (dict(drop_path_rate=1.0), "drop_path_rate must be a float in"),
+    (dict(num_classes=-1), "num_classes must be an int >= 0"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        uf.UniFormer(**{**TINY, **kwargs})

@@ -1,0 +1,10 @@
+"""uniformer_fast: the UniFormer video model with fused kernels, state-dict compatible with the
+official Sense-X/UniFormer checkpoints."""
+from . import ops
+from .checkpoint import load_checkpoint
+from .model import UniFormer, create_model, list_models, uniformer_base, uniformer_small
+
+__version__ = "0.1.0"
+
+__all__ = ["UniFormer", "create_model", "list_models", "load_checkpoint", "ops", "uniformer_base",
+           "uniformer_small", "__version__"]

@@ -1,0 +1,394 @@
+"""UniFormer for video (Li et al., ICLR 2022), state-dict compatible with the official model.
+
+Activations stay (B, C, T, H, W) in ``channels_last_3d`` memory from the stem on: the stem's
+LayerNorm writes channels-last, and every later op either keeps that layout or reads the
+(B, T*H*W, C) token view of it without a copy. Depthwise convolutions and attention go through
+:mod:`uniformer_fast.ops`, whose backend decides how they run.
+
+Stage layout (UniFormer-S, 16x224x224 input)::
+
+    stem    Conv3d 3x4x4 /(2,4,4) + LN   ->  64 x  8 x 56 x 56   blocks1: CBlock  x depth[0]
+    embed2  Conv3d 1x2x2 /(1,2,2) + LN   -> 128 x  8 x 28 x 28   blocks2: CBlock  x depth[1]
+    embed3  Conv3d 1x2x2 /(1,2,2) + LN   -> 320 x  8 x 14 x 14   blocks3: SABlock x depth[2]
+    embed4  Conv3d 1x2x2 /(1,2,2) + LN   -> 512 x  8 x  7 x  7   blocks4: SABlock x depth[3]
+    head    BatchNorm3d, mean over T*H*W, Linear
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from . import ops
+
+__all__ = ["UniFormer", "CBlock", "SABlock", "SplitSABlock", "create_model", "list_models",
+           "uniformer_small", "uniformer_base"]
+
+# Each downsampling halves H and W after the stem's /4: H and W must be at least 4 * 2**3.
+MIN_SPATIAL = 32
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples (dim 0) with probability ``p``, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+def _pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 Conv3d as a matmul over channels on the channels-last view; keeps the layout."""
+    y = F.linear(x.permute(0, 2, 3, 4, 1), conv.weight.flatten(1), conv.bias)
+    return y.permute(0, 4, 1, 2, 3)
+
+
+class CMlp(nn.Module):
+    """1x1x1 conv, GELU, 1x1x1 conv on (B, C, T, H, W)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Conv3d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv3d(hidden, dim, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.drop(self.act(_pointwise(self.fc1, x)))
+        return self.drop(_pointwise(self.fc2, x))
+
+
+class Mlp(nn.Module):
+    """Linear, GELU, Linear on (..., C) tokens."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on (B, N, C) tokens; the core runs through ``ops.attention``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        x = ops.attention(self.qkv(x), self.num_heads, scale=self.scale,
+                          dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x))
+
+
+def _dpe(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """Dynamic position embedding: ``x + dwconv3x3x3(x)``."""
+    return ops.dwconv3d(x, conv.weight, conv.bias, residual=True)
+
+
+def _depthwise(dim: int, k: int) -> nn.Conv3d:
+    return nn.Conv3d(dim, dim, k, padding=k // 2, groups=dim)
+
+
+class CBlock(nn.Module):
+    """Stage 1-2 block: DPE, Local MHRA (BN, 1x1x1, depthwise 5x5x5, 1x1x1), conv MLP."""
+
+    def __init__(self, dim: int, num_heads: int = 1, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.pos_embed = _depthwise(dim, 3)
+        self.norm1 = nn.BatchNorm3d(dim)
+        self.conv1 = nn.Conv3d(dim, dim, 1)
+        self.conv2 = nn.Conv3d(dim, dim, 1)
+        self.attn = _depthwise(dim, 5)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.BatchNorm3d(dim)
+        self.mlp = CMlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x):
+        x = _dpe(self.pos_embed, x)
+        a = _pointwise(self.conv1, self.norm1(x))
+        a = ops.dwconv3d(a, self.attn.weight, self.attn.bias)
+        x = x + self.drop_path(_pointwise(self.conv2, a))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SABlock(nn.Module):
+    """Stage 3-4 block: DPE, joint spatiotemporal attention over all T*H*W tokens, MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.pos_embed = _depthwise(dim, 3)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x):
+        x = _dpe(self.pos_embed, x)
+        B, C, T, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, N, C): a view when x is channels-last
+        t = t + self.drop_path(self.attn(self.norm1(t)))
+        t = t + self.drop_path(self.mlp(self.norm2(t)))
+        return t.transpose(1, 2).reshape(B, C, T, H, W)
+
+
+class SplitSABlock(nn.Module):
+    """Divided attention: temporal (over T per position), then spatial (over H*W per frame).
+
+    As in the official model, the spatial step's residual is the DPE output, not the temporal
+    step's output; the temporal branch reaches the stream only through the spatial attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.pos_embed = _depthwise(dim, 3)
+        self.t_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.t_attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x):
+        x = _dpe(self.pos_embed, x)
+        B, C, T, H, W = x.shape
+        tokens = x.permute(0, 2, 3, 4, 1)  # (B, T, H, W, C)
+        t = tokens.permute(0, 2, 3, 1, 4).reshape(B * H * W, T, C)
+        t = t + self.drop_path(self.t_attn(self.t_norm(t)))
+        s = t.view(B, H * W, T, C).transpose(1, 2).reshape(B * T, H * W, C)
+        s = tokens.reshape(B * T, H * W, C) + self.drop_path(self.attn(self.norm1(s)))
+        s = s.reshape(B, T * H * W, C)
+        s = s + self.drop_path(self.mlp(self.norm2(s)))
+        return s.transpose(1, 2).reshape(B, C, T, H, W)
+
+
+class PatchEmbed(nn.Module):
+    """Strided Conv3d then LayerNorm over channels; the output is channels-last in memory."""
+
+    def __init__(self, in_chans: int, dim: int, kernel, stride, padding):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Conv3d(in_chans, dim, kernel, stride, padding)
+
+    def forward(self, x):
+        x = self.proj(x).permute(0, 2, 3, 4, 1)
+        return self.norm(x).permute(0, 4, 1, 2, 3)
+
+
+def _is_int_seq(v, n):
+    return (isinstance(v, Sequence) and len(v) == n
+            and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v))
+
+
+class UniFormer(nn.Module):
+    """UniFormer video classifier: input (B, in_chans, T, H, W), output (B, num_classes) logits.
+
+    Parameter names and shapes equal the official Sense-X/UniFormer video model's, so its
+    checkpoints load strictly (see :func:`uniformer_fast.load_checkpoint`).
+    ``checkpoint_num[i]`` recomputes the first ``checkpoint_num[i]`` blocks of stage i in the
+    backward pass instead of storing their activations.
+    """
+
+    def __init__(self, depth=(3, 4, 8, 3), embed_dim=(64, 128, 320, 512), head_dim: int = 64,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 num_classes: int = 400, in_chans: int = 3, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, split: bool = False,
+                 std: bool = False, checkpoint_num=(0, 0, 0, 0)):
+        super().__init__()
+        if not _is_int_seq(depth, 4) or min(depth) < 1:
+            raise ValueError(f"depth must be 4 positive ints (blocks per stage); got {depth!r}")
+        if not _is_int_seq(embed_dim, 4) or min(embed_dim) < 1:
+            raise ValueError(f"embed_dim must be 4 positive ints (channels per stage); got {embed_dim!r}")
+        if not isinstance(head_dim, numbers.Integral) or head_dim < 1 or any(d % head_dim for d in embed_dim):
+            raise ValueError(f"head_dim must be a positive int dividing every embed_dim {tuple(embed_dim)}; "
+                             f"got {head_dim!r}")
+        if not _is_int_seq(checkpoint_num, 4) or any(not 0 <= n <= d for n, d in zip(checkpoint_num, depth)):
+            raise ValueError(f"checkpoint_num must be 4 ints with 0 <= checkpoint_num[i] <= depth[i] = "
+                             f"{tuple(depth)}; got {checkpoint_num!r}")
+        if not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no head); got {num_classes!r}")
+        for name, p in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                        ("drop_path_rate", drop_path_rate)):
+            if not (isinstance(p, numbers.Real) and 0.0 <= p < 1.0):
+                raise ValueError(f"{name} must be a float in [0, 1); got {p!r}")
+
+        self.depth = tuple(depth)
+        self.embed_dim = tuple(embed_dim)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = embed_dim[-1]
+        self.checkpoint_num = tuple(checkpoint_num)
+
+        down = ((3, 2, 2), (1, 2, 2), (1, 0, 0)) if std else ((1, 2, 2), (1, 2, 2), (0, 0, 0))
+        self.patch_embed1 = PatchEmbed(in_chans, embed_dim[0], (3, 4, 4), (2, 4, 4), (1, 0, 0))
+        self.patch_embed2 = PatchEmbed(embed_dim[0], embed_dim[1], *down)
+        self.patch_embed3 = PatchEmbed(embed_dim[1], embed_dim[2], *down)
+        self.patch_embed4 = PatchEmbed(embed_dim[2], embed_dim[3], *down)
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depth)).tolist()  # rises linearly over all blocks
+        sa_block = SplitSABlock if split else SABlock
+        block_types = (CBlock, CBlock, sa_block, sa_block)
+        start = 0
+        for i, (n, dim, block) in enumerate(zip(depth, embed_dim, block_types)):
+            self.add_module(f"blocks{i + 1}", nn.ModuleList([
+                block(dim, dim // head_dim, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                      dpr[start + j]) for j in range(n)]))
+            start += n
+        self.norm = nn.BatchNorm3d(embed_dim[-1])
+        self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            # Official init of the divided attention's temporal branch: it starts as a constant map.
+            if ".t_attn." in name:
+                nn.init.constant_(p, 1.0 if name.endswith("proj.weight") else 0.0)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def stages(self):
+        return (self.patch_embed1, self.blocks1), (self.patch_embed2, self.blocks2), \
+               (self.patch_embed3, self.blocks3), (self.patch_embed4, self.blocks4)
+
+    def _check_input(self, x):
+        form = f"(B, {self.in_chans}, T, H, W) with H, W >= {MIN_SPATIAL}"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape {form}; got {type(x).__name__}")
+        if x.dim() != 5:
+            raise ValueError(f"x must be a 5-D tensor of shape {form}; got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor of shape {form}; got dtype {x.dtype}")
+        B, C, T, H, W = x.shape
+        if C != self.in_chans or B < 1 or T < 1 or H < MIN_SPATIAL or W < MIN_SPATIAL:
+            raise ValueError(f"x must have shape {form}; got {tuple(x.shape)}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_chans, T, H, W) -> the final feature map (B, embed_dim[-1], T', H/32, W/32)."""
+        self._check_input(x)
+        for i, (embed, blocks) in enumerate(self.stages()):
+            x = embed(x)
+            if i == 0:
+                x = self.pos_drop(x)
+            n_ckpt = self.checkpoint_num[i] if torch.is_grad_enabled() else 0
+            for j, blk in enumerate(blocks):
+                if j < n_ckpt:
+                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map (B, C, T, H, W) -> logits (B, num_classes) (pooled features if pre_logits)."""
+        x = x.flatten(2).mean(-1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` (0: no head)."""
+        if not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0; got {num_classes!r}")
+        ref = self.norm.weight
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            self._init_weights(self.head)
+        else:
+            self.head = nn.Identity()
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+
+# Variants: small config dicts, any constructor argument overridable in create_model.
+_CONFIGS = {
+    "uniformer_small": dict(depth=(3, 4, 8, 3), embed_dim=(64, 128, 320, 512), head_dim=64,
+                            mlp_ratio=4.0, qkv_bias=True),
+    "uniformer_base": dict(depth=(5, 8, 20, 7), embed_dim=(64, 128, 320, 512), head_dim=64,
+                           mlp_ratio=4.0, qkv_bias=True),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_CONFIGS)
+
+
+def create_model(name: str, *, pretrained: Optional[str] = None, **overrides) -> UniFormer:
+    """Build a named variant; ``overrides`` replace any :class:`UniFormer` argument.
+
+    ``pretrained`` is a local checkpoint path or an official checkpoint name such as
+    ``"uniformer_small_k400_16x8"`` (fetched from the Hugging Face Hub when ``huggingface_hub`` is
+    installed and the network is reachable). A name's dataset sets ``num_classes`` unless given.
+    """
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    kwargs = {**_CONFIGS[name], **overrides}
+    path = None
+    if pretrained is not None:
+        from .checkpoint import resolve_pretrained
+        path, num_classes = resolve_pretrained(pretrained, name)
+        if num_classes is not None:
+            kwargs.setdefault("num_classes", num_classes)
+    model = UniFormer(**kwargs)
+    if path is not None:
+        from .checkpoint import load_checkpoint
+        load_checkpoint(model, path)
+    return model
+
+
+def uniformer_small(**kwargs) -> UniFormer:
+    """UniFormer-S: depth (3, 4, 8, 3), 21.4 M parameters with 400 classes."""
+    return create_model("uniformer_small", **kwargs)
+
+
+def uniformer_base(**kwargs) -> UniFormer:
+    """UniFormer-B: depth (5, 8, 20, 7), 49.8 M parameters with 400 classes."""
+    return create_model("uniformer_base", **kwargs)
