@@ -1,0 +1,179 @@
+"""Loading official (and our own) checkpoints: unwrapping, prefixes, 2-D -> 3-D inflation.
+
+Files are read with ``torch.load(weights_only=True)`` (tensors and plain containers only, never
+code) or with safetensors; nothing in a checkpoint is ever executed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["load_checkpoint", "read_state_dict", "inflate_weight", "resolve_pretrained", "HUB_REPO"]
+
+HUB_REPO = "Sense-X/uniformer_video"
+_WRAPPER_KEYS = ("model", "model_state", "state_dict")
+_PREFIXES = ("module.", "backbone.")
+_DATASET_CLASSES = {"k400": 400, "k600": 600, "sthv1": 174, "sthv2": 174, "ssv1": 174, "ssv2": 174}
+_PRETRAINED_NAME = re.compile(r"^(uniformer_(?:small|base))_([a-z0-9]+)_(\d+x\d+)$")
+
+
+def _read_file(path: str) -> Mapping:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors") from e
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises many types (UnpicklingError, KeyError, EOFError...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path!r} is not a checkpoint that can be loaded safely: torch.load(weights_only=True) "
+            f"failed ({first}). Only tensors and plain containers are accepted; convert other files "
+            f"to a plain state dict or to .safetensors") from e
+
+
+def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` dict from a path or a (possibly wrapped) state dict.
+
+    Unwraps ``{"model": ...}``, ``{"model_state": ...}`` and ``{"state_dict": ...}`` and strips the
+    ``module.`` (DDP) and ``backbone.`` prefixes.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        sd = _read_file(os.fspath(source))
+    elif isinstance(source, Mapping):
+        sd = source
+    else:
+        raise TypeError(f"source must be a path or a state dict (a Mapping of tensors); "
+                        f"got {type(source).__name__}")
+    for _ in range(3):  # a training checkpoint may nest e.g. {"state_dict": {"model": ...}}
+        inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        sd = inner
+    out = {}
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor "
+                             f"(expected a mapping of parameter names to tensors, optionally wrapped "
+                             f"under one of {_WRAPPER_KEYS})")
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    if not out:
+        raise ValueError("not a state dict: it holds no tensors")
+    return out
+
+
+def inflate_weight(weight_2d: torch.Tensor, time_dim: int, mode: str = "average") -> torch.Tensor:
+    """(O, I, kh, kw) -> (O, I, time_dim, kh, kw).
+
+    ``"average"`` repeats the kernel over time and divides by ``time_dim`` (the official rule: a
+    static clip gives the 2-D response); ``"center"`` puts it on the middle frame, zeros elsewhere.
+    """
+    if mode == "average":
+        return weight_2d.unsqueeze(2).repeat(1, 1, time_dim, 1, 1) / time_dim
+    if mode == "center":
+        out = weight_2d.new_zeros(weight_2d.shape[:2] + (time_dim,) + weight_2d.shape[2:])
+        out[:, :, time_dim // 2] = weight_2d
+        return out
+    raise ValueError(f"inflate must be 'average', 'center' or None; got {mode!r}")
+
+
+def load_checkpoint(model: nn.Module, source, *, inflate: Optional[str] = "average",
+                    strict: bool = True):
+    """Load a checkpoint into ``model``.
+
+    Args:
+        model: a :class:`uniformer_fast.UniFormer` (or any module with the same names).
+        source: a path (``.pth``/``.pt``/``.safetensors``) or a state dict, wrapped or not.
+        inflate: how 2-D (image) kernels become 3-D: ``"average"`` (official), ``"center"``, or
+            None to reject them.
+        strict: raise on missing or unexpected keys (a head of another class count is always
+            dropped with a warning and left freshly initialised).
+
+    Returns:
+        ``(missing_keys, unexpected_keys)``, both empty when ``strict``.
+    """
+    if inflate not in ("average", "center", None):
+        raise ValueError(f"inflate must be 'average', 'center' or None; got {inflate!r}")
+    sd = read_state_dict(source)
+    own = model.state_dict()
+    dropped_head = []
+    for key in list(sd):
+        if key not in own or sd[key].shape == own[key].shape:
+            continue
+        src, dst = sd[key], own[key]
+        if key.startswith("head."):
+            dropped_head.append(f"{key} {tuple(src.shape)}")
+            del sd[key]
+        elif inflate is not None and src.dim() == 4 and dst.dim() == 5 and \
+                src.shape[:2] + src.shape[2:] == dst.shape[:2] + dst.shape[3:]:
+            sd[key] = inflate_weight(src, dst.shape[2], inflate)
+        else:
+            raise ValueError(f"checkpoint key {key!r} has shape {tuple(src.shape)} but the model expects "
+                             f"{tuple(dst.shape)}" + (" (2-D kernels need inflate='average' or 'center')"
+                                                      if src.dim() == 4 and dst.dim() == 5 else ""))
+    if dropped_head:
+        warnings.warn(f"checkpoint head does not match the model's {getattr(model, 'num_classes', '?')} "
+                      f"classes; dropped {', '.join(dropped_head)} and kept the new head", stacklevel=2)
+    missing = [k for k in own if k not in sd and not (dropped_head and k.startswith("head."))]
+    unexpected = [k for k in sd if k not in own]
+    if strict and (missing or unexpected):
+        raise ValueError("checkpoint does not match the model: "
+                         + "; ".join(part for part in (
+                             f"missing keys: {', '.join(missing)}" if missing else "",
+                             f"unexpected keys: {', '.join(unexpected)}" if unexpected else "") if part))
+    model.load_state_dict(sd, strict=False)
+    return missing, unexpected
+
+
+def resolve_pretrained(pretrained: str, model_name: str):
+    """``(path, num_classes or None)`` for a local file or an official checkpoint name.
+
+    Official names look like ``uniformer_small_k400_16x8`` and resolve to
+    ``<name>.pth`` in the Hugging Face repo ``Sense-X/uniformer_video``.
+    """
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f"pretrained must be a checkpoint path or an official name such as "
+                        f"'{model_name}_k400_16x8'; got {type(pretrained).__name__}")
+    pretrained = os.fspath(pretrained)
+    if os.path.isfile(pretrained):
+        return pretrained, None
+    match = _PRETRAINED_NAME.match(pretrained)
+    if match is None:
+        raise ValueError(f"pretrained={pretrained!r} is neither an existing file nor an official name "
+                         f"like '{model_name}_k400_16x8'")
+    arch, dataset, _ = match.groups()
+    if arch != model_name:
+        raise ValueError(f"pretrained={pretrained!r} holds {arch} weights; it does not fit {model_name}")
+    filename = pretrained + ".pth"
+    manual = (f"download {filename} from https://huggingface.co/{HUB_REPO} and pass its local path "
+              f"as pretrained='/path/to/{filename}'")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise RuntimeError(f"pretrained={pretrained!r} needs huggingface_hub (pip install huggingface_hub); "
+                           f"or {manual}") from e
+    try:
+        path = hf_hub_download(repo_id=HUB_REPO, filename=filename)
+    except Exception as e:  # the hub raises many types: offline, not found, HTTP errors
+        raise RuntimeError(f"could not fetch {filename} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+                           f"without network access, {manual}") from e
+    return path, _DATASET_CLASSES.get(dataset)
