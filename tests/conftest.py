@@ -44,3 +44,44 @@ def empty():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3):
+    """Compile a Triton kernel ahead of time for ``sm_<arch>`` on the CPU; no GPU needed.
+
+    Returns a dict: ``regs``, ``stack`` and ``local`` bytes per thread (``local`` > 0 or ``stack``
+    > 0 means register spills), ``shared`` bytes per program, ``ptx`` and ``sass`` text.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    if not isinstance(kernel, triton.runtime.jit.JITFunction):
+        # Under TRITON_INTERPRET=1, @triton.jit yields an interpreted function; compile its source.
+        kernel = triton.runtime.jit.JITFunction(kernel.fn)
+    sig = dict(signature)
+    sig.update({name: "constexpr" for name in constexprs})
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]), "local": int(fields["LOCAL"]),
+            "shared": compiled.metadata.shared, "ptx": compiled.asm["ptx"], "sass": sass}
+
+
+@pytest.fixture
+def compile_for_gpu():
+    """``compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3)``, see
+    :func:`_compile_for_gpu`. Signature maps each runtime argument to a Triton type ("*bf16", "i32")."""
+    return _compile_for_gpu
