@@ -46,8 +46,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3):
+def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, aligned=()):
     """Compile a Triton kernel ahead of time for ``sm_<arch>`` on the CPU; no GPU needed.
+
+    ``aligned`` names the arguments the launcher guarantees divisible by 16 (pointers 16-byte
+    aligned, strides multiples of 16), as Triton's specialisation does at run time; without it
+    the compiler cannot emit 16-byte vector loads.
 
     Returns a dict: ``regs``, ``stack`` and ``local`` bytes per thread (``local`` > 0 or ``stack``
     > 0 means register spills), ``shared`` bytes per program, ``ptx`` and ``sass`` text.
@@ -64,7 +68,9 @@ def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stage
         kernel = triton.runtime.jit.JITFunction(kernel.fn)
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs))
+    names = list(sig)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -82,6 +88,6 @@ def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stage
 
 @pytest.fixture
 def compile_for_gpu():
-    """``compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3)``, see
+    """``compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, aligned=())``, see
     :func:`_compile_for_gpu`. Signature maps each runtime argument to a Triton type ("*bf16", "i32")."""
     return _compile_for_gpu
