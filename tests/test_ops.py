@@ -183,3 +183,18 @@ def test_dwconv3d_bad_residual_and_device():
 def test_attention_bad_input(qkv, heads, kw, err, match):
     with pytest.raises(err, match=match):
         ops.attention(qkv, heads, **kw)
+
+
+def test_backend_per_op_scopes():
+    with ops.use_backend("reference", op="attention"):
+        assert ops.get_backend("attention") == "reference"
+        assert ops.get_backend("dwconv3d") == "auto"
+        with ops.use_backend("auto"):  # a whole-model choice overrides per-op ones outside it
+            assert ops.get_backend("attention") == "auto"
+        with ops.use_backend("sdpa", op="dwconv3d"):
+            assert ops.get_backend("attention") == "reference"
+            assert ops.get_backend("dwconv3d") == "sdpa"
+    assert ops.get_backend("attention") == "auto"
+    with pytest.raises(ValueError, match="op must be one of"):
+        with ops.use_backend("reference", op="conv"):
+            pass

@@ -39,8 +39,9 @@ class _Op:
 
 _OPS: dict[str, _Op] = {}
 _default_backend = "auto"
-_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "uniformer_fast_backend", default=None)
+# The innermost use_backend's choice: {None: name for all ops, op: name for one op}.
+_scoped_backend: contextvars.ContextVar[dict] = contextvars.ContextVar("uniformer_fast_backend",
+                                                                       default={})
 
 
 def _check_name(name, argname="backend"):
@@ -80,16 +81,28 @@ def set_backend(name: str) -> None:
     _default_backend = _check_name(name, "name")
 
 
-def get_backend() -> str:
-    """The backend name in force here: the innermost ``use_backend``, else the default."""
+def get_backend(op: Optional[str] = None) -> str:
+    """The backend name in force here (for ``op`` if given): the innermost ``use_backend`` that
+    names it, else the default."""
     scoped = _scoped_backend.get()
-    return scoped if scoped is not None else _default_backend
+    if op is not None and op in scoped:
+        return scoped[op]
+    return scoped.get(None, _default_backend)
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed ops with backend ``name``; contexts nest and are per thread/task."""
-    token = _scoped_backend.set(_check_name(name, "name"))
+def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
+    """Run the enclosed ops with backend ``name`` (only op ``op`` if given, e.g. ``"attention"``).
+
+    Contexts nest, the inner one winning, and are per thread/task.
+    """
+    _check_name(name, "name")
+    if op is not None and op not in _OPS:
+        raise ValueError(f"op must be one of {', '.join(map(repr, _OPS))} or None; got {op!r}")
+    outer = _scoped_backend.get()
+    # A whole-model choice replaces the per-op ones made outside it.
+    scoped = {None: name} if op is None else {**outer, op: name}
+    token = _scoped_backend.set(scoped)
     try:
         yield
     finally:
@@ -104,7 +117,7 @@ def available_backends(op: str) -> tuple[str, ...]:
 def resolve(op: str, backend: Optional[str], device: torch.device, *args, **kwargs):
     """Return ``(backend_name, fn)`` for a call of ``op`` with these arguments."""
     entry = _OPS[op]
-    name = get_backend() if backend is None else _check_name(backend)
+    name = get_backend(op) if backend is None else _check_name(backend)
     if name != "auto":
         impl = entry.impls.get(name)
         if impl is None:
