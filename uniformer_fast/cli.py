@@ -1,0 +1,344 @@
+"""``python -m uniformer_fast`` / ``uniformer-fast``: benchmark the backends, classify a video.
+
+    uniformer-fast bench                          # UniFormer-S, random weights, a 16x224 clip
+    uniformer-fast classify clip.mp4 --weights uniformer_small_k400_16x4.pth --labels k400.txt
+
+Errors (bad arguments, a missing file, an undecodable video) print one line and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import contextlib
+from contextlib import nullcontext
+
+import torch
+
+from . import ops
+from .checkpoint import load_checkpoint, read_state_dict
+from .model import create_model, list_models
+
+PROG = "uniformer-fast"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CLIError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+    exit_code = 1
+
+
+class UsageError(CLIError):
+    exit_code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+
+
+def _heap_in_use():
+    """Bytes malloc has handed out and not taken back (glibc), or None where unknown."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    return lambda: (lambda m: m.uordblks + m.hblkhd)(libc.mallinfo2())
+
+
+class _PeakMemory:
+    """Peak memory over a block, above what was in use at its start: the CUDA allocator's
+    high-water mark, or on the CPU the malloc heap in use sampled every millisecond (glibc)."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._read = _heap_in_use()
+        if self._read is not None:
+            self._base = self._top = self._read()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self._top = max(self._top, self._read())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._read is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._top, self._read()) - self._base
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "-"
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _bench(args):
+    from .official import OfficialUniFormer
+    from .model import _CONFIGS
+
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    iters = args.iters or (20 if device.type == "cuda" else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    if args.frames < 1 or args.size < 32 or args.batch < 1 or iters < 1 or warmup < 0:
+        raise CLIError("--frames, --batch and --iters must be >= 1, --size >= 32, --warmup >= 0")
+    torch.manual_seed(0)
+    model = create_model(args.model).to(device=device, dtype=dtype).eval()
+    clip = torch.randn(args.batch, 3, args.frames, args.size, args.size, device=device, dtype=dtype)
+
+    rows = []  # (label, callable)
+    for name in args.backends:
+        if name == "official":
+            official = OfficialUniFormer(**_CONFIGS[args.model]).to(device=device, dtype=dtype).eval()
+            official.load_state_dict(model.state_dict())
+            rows.append(("official", official, nullcontext))
+        elif name == "compile":
+            compiled = torch.compile(model)
+            rows.append(("compile (reference)", compiled, lambda: ops.use_backend("reference")))
+        elif name in ("reference", "auto"):
+            rows.append((f"{name} ({_picks(name, device, dtype)})", model, lambda n=name: ops.use_backend(n)))
+        else:  # a fused backend for the ops that have one; the others stay on "auto", as labelled
+            has = [op for op in OPS if name in ops.available_backends(op)]
+            if not has:
+                rows.append((name, None, f"no op has a {name!r} backend in this build"))
+                continue
+            rows.append((f"{name} ({_picks(name, device, dtype, has)})", model,
+                         lambda has=tuple(has), n=name: _scoped(n, has)))
+
+    print(f"{args.model}, random weights, clip {args.batch}x3x{args.frames}x{args.size}x{args.size}, "
+          f"{str(dtype).replace('torch.', '')}, on {_device_name(device)}; median of {iters} after {warmup} warm-up",
+          file=sys.stderr)
+    results, outputs = [], {}
+    bar = _progress(total=len(rows) * (iters + warmup))
+    try:
+        for label, fn, ctx in rows:
+            times, done = [], 0
+            if fn is None:  # ctx holds the reason
+                results.append((label, None, None, ctx))
+                bar.update(iters + warmup)
+                continue
+            try:
+                with torch.no_grad(), ctx(), _PeakMemory(device) as mem:
+                    for done in range(1, warmup + iters + 1):
+                        t0 = time.perf_counter()
+                        out = fn(clip)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        if done > warmup:
+                            times.append(time.perf_counter() - t0)
+                        bar.update(1)
+                outputs[label] = out.float()
+                median = statistics.median(times)
+                results.append((label, median, mem.peak, None))
+            except ops.BackendUnavailableError as e:
+                bar.update(iters + warmup - max(done - 1, 0))
+                results.append((label, None, None, str(e)))
+    finally:
+        bar.close()
+    ref = next((out for label, out in outputs.items() if label.startswith("reference")), None)
+    width = max(len(r[0]) for r in results) + 1
+    print(f"{'backend':<{width}} {'latency':>10} {'clips/s':>9} {'peak mem':>10} {'max |diff| vs reference':>25}")
+    for label, median, peak, error in results:
+        if error is not None:
+            print(f"{label:<{width}} skipped: {error}")
+            continue
+        diff = "-" if ref is None else f"{(outputs[label] - ref).abs().max().item():.2e}"
+        print(f"{label:<{width}} {median * 1e3:>8.1f} ms {args.batch / median:>9.2f} {_fmt_bytes(peak):>10} {diff:>25}")
+    return 0
+
+
+OPS = ("dwconv3d", "attention")
+
+
+@contextlib.contextmanager
+def _scoped(name, op_names):
+    with contextlib.ExitStack() as stack:
+        for op in op_names:
+            stack.enter_context(ops.use_backend(name, op=op))
+        yield
+
+
+def _picks(name, device, dtype, op_names=OPS):
+    """"dwconv3d: cpp, attention: sdpa": what each op runs in a row (or why it cannot)."""
+    out = []
+    for op in OPS:
+        try:
+            out.append(f"{op}: {_pick(op, name if op in op_names else 'auto', device, dtype)}")
+        except ops.BackendUnavailableError:
+            out.append(f"{op}: {name} unavailable")
+    return ", ".join(out)
+
+
+def _pick(op, name, device, dtype):
+    """The backend ``name`` resolves to for this op on the benchmark's tensors."""
+    from .ops import backend as registry
+    if op == "dwconv3d":
+        x = torch.empty(1, 4, 2, 2, 2, device=device, dtype=dtype)
+        args = (x, torch.empty(4, 1, 3, 3, 3, device=device, dtype=dtype), None, True)
+    else:
+        args = (torch.empty(1, 2, 3 * 64, device=device, dtype=dtype), 1, 0.125, 0.0)
+    return registry.resolve(op, name, device, *args)[0]
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc="bench", unit="it", file=sys.stderr, leave=False)
+    except ImportError:
+        return _PlainProgress(total)
+
+
+class _PlainProgress:
+    def __init__(self, total):
+        self.total, self.n = total, 0
+
+    def update(self, k):
+        self.n += k
+        print(f"\rbench {self.n}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        print(file=sys.stderr)
+
+
+def _read_labels(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+        if isinstance(data, dict):  # {"class name": index}, the Kinetics label-map form
+            labels = [None] * len(data)
+            for name, idx in data.items():
+                if not isinstance(idx, int) or not 0 <= idx < len(data) or labels[idx] is not None:
+                    raise CLIError(f"{path}: a JSON label map must map each class name to a distinct index "
+                                   f"0..{len(data) - 1}")
+                labels[idx] = name
+            return labels
+        if isinstance(data, list) and all(isinstance(n, str) for n in data):
+            return data
+        raise CLIError(f"{path}: expected a JSON list of class names or a {{name: index}} map")
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise CLIError(f"{path}: no class names (expected one per line)")
+    return labels
+
+
+def _classify(args):
+    from .video import load_clip
+
+    labels = _read_labels(args.labels)
+    sd = read_state_dict(args.weights)
+    head = sd.get("head.weight")
+    if head is not None and head.shape[0] != len(labels):
+        raise CLIError(f"{args.weights} classifies {head.shape[0]} classes but {args.labels} names {len(labels)}")
+    if args.frames < 1 or args.sample_rate < 1 or args.size < 32 or args.top < 1:
+        raise CLIError("--frames, --sample-rate and --top must be >= 1 and --size >= 32")
+    clip = load_clip(args.video, args.frames, args.sample_rate, args.size)
+    device = _device(args.device)
+    model = create_model(args.model, num_classes=len(labels))
+    load_checkpoint(model, sd)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        probs = model(clip.unsqueeze(0).to(device)).float().softmax(-1)[0].cpu()
+    top = probs.topk(min(args.top, len(labels)))
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"{p * 100:6.2f}%  {labels[i]}")
+    return 0
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description="UniFormer video model with fused kernels.")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,classify}")
+    bench = sub.add_parser("bench", help="time each backend on a synthetic clip (default command)")
+    bench.add_argument("--model", choices=list_models(), default="uniformer_small")
+    bench.add_argument("--frames", type=int, default=16)
+    bench.add_argument("--size", type=int, default=224)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                       help="default: bfloat16 on CUDA, float32 on the CPU")
+    bench.add_argument("--iters", type=int, default=None, help="timed runs (default 20 on CUDA, 3 on the CPU)")
+    bench.add_argument("--warmup", type=int, default=None)
+    bench.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b],
+                       default=["official", "reference", "auto"],
+                       help="comma-separated rows: official, reference, auto, triton, cpp, sdpa, compile")
+    classify = sub.add_parser("classify", help="top-5 classes of a video")
+    classify.add_argument("video")
+    classify.add_argument("--weights", required=True, help="checkpoint file (.pth or .safetensors)")
+    classify.add_argument("--labels", required=True,
+                          help="class names: a text file, one per line, or a JSON list / {name: index} map")
+    classify.add_argument("--model", choices=list_models(), default="uniformer_small")
+    classify.add_argument("--frames", type=int, default=16)
+    classify.add_argument("--sample-rate", type=int, default=4, help="frame stride (16x4 models: 4)")
+    classify.add_argument("--size", type=int, default=224)
+    classify.add_argument("--top", type=int, default=5)
+    classify.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return parser
+
+
+ROWS = ("official", "reference", "auto", "triton", "cpp", "sdpa", "compile")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["bench"] + argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "bench":
+            bad = [b for b in args.backends if b not in ROWS]
+            if bad or not args.backends:
+                raise UsageError(f"--backends: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(ROWS)}")
+            return _bench(args)
+        return _classify(args)
+    except SystemExit as e:  # --help
+        return e.code or 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError, OSError) as e:
+        print(f"{PROG}: error: {e}".splitlines()[0], file=sys.stderr)
+        return getattr(e, "exit_code", 1)
