@@ -198,3 +198,15 @@ def test_backend_per_op_scopes():
     with pytest.raises(ValueError, match="op must be one of"):
         with ops.use_backend("reference", op="conv"):
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ops_follow_autocast(dtype, assert_close):
+    x, w, b = torch.randn(1, 4, 3, 5, 5), torch.randn(4, 1, 3, 3, 3), torch.randn(4)
+    qkv = torch.randn(2, 7, 24)
+    with torch.autocast("cpu", dtype=dtype):
+        y = ops.dwconv3d(x.to(dtype), w, b, residual=True)  # low-precision activations, fp32 params
+        o = ops.attention(qkv, 2)
+    assert y.dtype == dtype and o.dtype == dtype
+    assert_close(y, naive_dwconv3d(x.double(), w.double(), b.double()) + x.double(), dtype=dtype)
+    assert_close(o, naive_attention(qkv.double(), 2, 4 ** -0.5), dtype=dtype)

@@ -92,9 +92,10 @@ class Attention(nn.Module):
     """Multi-head self-attention on (B, N, C) tokens; the core runs through ``ops.attention``."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, fp32: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        self.fp32 = fp32
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -102,8 +103,15 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
-        x = ops.attention(self.qkv(x), self.num_heads, scale=self.scale,
-                          dropout_p=self.attn_drop if self.training else 0.0)
+        qkv = self.qkv(x)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.fp32 and torch.is_autocast_enabled(qkv.device.type):
+            # Under autocast, logits and probabilities stay float32 (the official light models
+            # overflowed in fp16 otherwise); the projections around it keep the low precision.
+            with torch.autocast(qkv.device.type, enabled=False):
+                x = ops.attention(qkv.float(), self.num_heads, scale=self.scale, dropout_p=dropout_p)
+        else:
+            x = ops.attention(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p)
         return self.proj_drop(self.proj(x))
 
 
@@ -121,7 +129,7 @@ class CBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, attention_fp32: bool = False):
         super().__init__()
         self.pos_embed = _depthwise(dim, 3)
         self.norm1 = nn.BatchNorm3d(dim)
@@ -145,11 +153,11 @@ class SABlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, attention_fp32: bool = False):
         super().__init__()
         self.pos_embed = _depthwise(dim, 3)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, attention_fp32)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -172,13 +180,13 @@ class SplitSABlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, attention_fp32: bool = False):
         super().__init__()
         self.pos_embed = _depthwise(dim, 3)
         self.t_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.t_attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.t_attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, attention_fp32)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, attention_fp32)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -220,14 +228,15 @@ class UniFormer(nn.Module):
     Parameter names and shapes equal the official Sense-X/UniFormer video model's, so its
     checkpoints load strictly (see :func:`uniformer_fast.load_checkpoint`).
     ``checkpoint_num[i]`` recomputes the first ``checkpoint_num[i]`` blocks of stage i in the
-    backward pass instead of storing their activations.
+    backward pass instead of storing their activations. ``attention_fp32`` keeps the attention
+    core in float32 under autocast.
     """
 
     def __init__(self, depth=(3, 4, 8, 3), embed_dim=(64, 128, 320, 512), head_dim: int = 64,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  num_classes: int = 400, in_chans: int = 3, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, split: bool = False,
-                 std: bool = False, checkpoint_num=(0, 0, 0, 0)):
+                 std: bool = False, checkpoint_num=(0, 0, 0, 0), attention_fp32: bool = False):
         super().__init__()
         if not _is_int_seq(depth, 4) or min(depth) < 1:
             raise ValueError(f"depth must be 4 positive ints (blocks per stage); got {depth!r}")
@@ -267,7 +276,7 @@ class UniFormer(nn.Module):
         for i, (n, dim, block) in enumerate(zip(depth, embed_dim, block_types)):
             self.add_module(f"blocks{i + 1}", nn.ModuleList([
                 block(dim, dim // head_dim, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                      dpr[start + j]) for j in range(n)]))
+                      dpr[start + j], attention_fp32) for j in range(n)]))
             start += n
         self.norm = nn.BatchNorm3d(embed_dim[-1])
         self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()

@@ -43,8 +43,10 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = Non
             by :func:`use_backend` / :func:`set_backend`.
 
     Returns:
-        (B, N, C), heads concatenated, ready for the output projection.
+        (B, N, C), heads concatenated, ready for the output projection. Under autocast, in the
+        autocast dtype (softmax statistics stay float32).
     """
+    (qkv,) = _backend.autocast_inputs(qkv)
     _validate(qkv, num_heads, scale, dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if scale is None else float(scale)

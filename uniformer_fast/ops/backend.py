@@ -114,6 +114,21 @@ def available_backends(op: str) -> tuple[str, ...]:
     return tuple(_OPS[op].impls)
 
 
+def autocast_inputs(*tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for their device.
+
+    Custom ops are invisible to autocast, so each public op applies its policy itself: run in the
+    low precision (kernels accumulate and keep softmax statistics in float32). Non-tensors and
+    None pass through, so validation still sees what the caller gave.
+    """
+    device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
+    if device is None or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
+                 else t for t in tensors)
+
+
 def resolve(op: str, backend: Optional[str], device: torch.device, *args, **kwargs):
     """Return ``(backend_name, fn)`` for a call of ``op`` with these arguments."""
     entry = _OPS[op]

@@ -49,8 +49,9 @@ def dwconv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
             by :func:`use_backend` / :func:`set_backend`.
 
     Returns:
-        ``conv(x) + bias (+ x)``, shape (B, C, T, H, W).
+        ``conv(x) + bias (+ x)``, shape (B, C, T, H, W). Under autocast, in the autocast dtype.
     """
+    x, weight, bias = _backend.autocast_inputs(x, weight, bias)
     _validate(x, weight, bias, residual)
     _, fn = _backend.resolve("dwconv3d", backend, x.device, x, weight, bias, residual)
     return fn(x, weight, bias, residual)

@@ -1,0 +1,69 @@
+"""The model with the PyTorch ecosystem: autocast, activation checkpointing, torch.export."""
+import pytest
+import torch
+
+import uniformer_fast as uf
+from uniformer_fast import ops
+
+TINY = dict(depth=(1, 1, 2, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_classes=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_low_precision(dtype):
+    torch.manual_seed(0)
+    model = uf.UniFormer(**TINY).eval()
+    x = torch.randn(2, 3, 4, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast("cpu", dtype=dtype):
+            got = model(x)
+    assert got.dtype == dtype
+    assert torch.isfinite(got).all()
+    err = (got.float() - expected).abs().max() / expected.abs().max()
+    assert err < 5e-2, err  # a whole network in 8-bit (bf16) or 11-bit (fp16) mantissas
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_attention_fp32_option(fp32, monkeypatch):
+    seen = []
+    real = ops.attention
+
+    def spy(qkv, *args, **kwargs):
+        seen.append(qkv.dtype)
+        return real(qkv, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    model = uf.UniFormer(**TINY, split=True, attention_fp32=fp32).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 4, 64, 64))
+    assert out.dtype == torch.bfloat16
+    assert len(seen) == 2 * 2 + 1 * 2  # stage 3: 2 split blocks x (temporal + spatial); stage 4: 1 x 2
+    assert set(seen) == {torch.float32 if fp32 else torch.bfloat16}
+
+
+def test_checkpointing_in_training_step_matches(assert_close):
+    torch.manual_seed(0)
+    plain = uf.UniFormer(**TINY)
+    ckpt = uf.UniFormer(**TINY, checkpoint_num=(1, 1, 2, 1))
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 4, 64, 64)
+    for model in (plain, ckpt):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(x).logsumexp(-1).sum().backward()
+        opt.step()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert_close(b, a, rtol=1e-5, name=name)
+
+
+def test_export_reference_path(assert_close):
+    torch.manual_seed(0)
+    model = uf.UniFormer(**TINY).eval()
+    x = torch.randn(1, 3, 4, 64, 64)
+    with ops.use_backend("reference"):
+        exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        expected = model(x)
+    got = exported.module()(x)
+    assert_close(got, expected, rtol=1e-5)
+    x2 = torch.randn(1, 3, 4, 64, 64)
+    assert_close(exported.module()(x2), model(x2).detach(), rtol=1e-5)
