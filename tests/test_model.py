@@ -197,3 +197,25 @@ def test_bad_input(x, err, match):
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         uf.UniFormer(**{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fuse_for_inference_keeps_outputs(dtype, rtol, assert_close):
+    model = randomize(uf.UniFormer(**TINY)).to(dtype).eval()
+    x = torch.randn(2, 3, 4, 64, 64, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+        fused = model.fuse_for_inference()
+        assert fused is model
+        got = model(x)
+    assert_close(got, expected, rtol=rtol)
+    assert all(isinstance(b.norm1, torch.nn.Identity) and isinstance(b.norm2, torch.nn.Identity)
+               for b in (*model.blocks1, *model.blocks2))
+    assert not any(k.startswith("blocks1.0.norm1") for k in model.state_dict())
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        model.train()
+
+
+def test_fuse_for_inference_needs_eval_mode():
+    with pytest.raises(RuntimeError, match="needs eval mode"):
+        uf.UniFormer(**TINY).fuse_for_inference()

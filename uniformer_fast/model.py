@@ -217,6 +217,16 @@ class PatchEmbed(nn.Module):
         return self.norm(x).permute(0, 4, 1, 2, 3)
 
 
+def _fold_bn_into_pointwise(bn: nn.BatchNorm3d, conv: nn.Conv3d) -> None:
+    """Make ``conv(x)`` compute what ``conv(bn(x))`` did with ``bn`` in eval mode."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    w = conv.weight.flatten(1)  # (out, in)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(w[:, 0])
+    conv.bias = nn.Parameter(bias + w @ shift)
+    conv.weight.copy_((w * scale).view_as(conv.weight))
+
+
 def _is_int_seq(v, n):
     return (isinstance(v, Sequence) and len(v) == n
             and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v))
@@ -335,6 +345,36 @@ class UniFormer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> "UniFormer":
+        """Fold each CBlock's eval-mode BatchNorms into the 1x1x1 conv that follows it, in place.
+
+        ``conv(bn(x)) = (W diag(s)) x + (W t + b)`` with ``s = gamma / sqrt(var + eps)`` and
+        ``t = beta - mean * s``; the BatchNorm becomes an identity, saving one read and one write
+        of the activation per fold. Outputs stay equal within float rounding. The fused model is
+        for inference: it cannot be put back in training mode, and its state dict lacks the folded
+        norms (fold after loading a checkpoint). Returns ``self``.
+        """
+        if self.training:
+            raise RuntimeError("fuse_for_inference() needs eval mode (model.eval()): BatchNorm folds use "
+                               "the running statistics")
+        for blocks in (self.blocks1, self.blocks2):
+            for blk in blocks:
+                if isinstance(blk.norm1, nn.BatchNorm3d):
+                    _fold_bn_into_pointwise(blk.norm1, blk.conv1)
+                    blk.norm1 = nn.Identity()
+                if isinstance(blk.norm2, nn.BatchNorm3d):
+                    _fold_bn_into_pointwise(blk.norm2, blk.mlp.fc1)
+                    blk.norm2 = nn.Identity()
+        self.fused_for_inference = True
+        return self
+
+    def train(self, mode: bool = True):
+        if mode and getattr(self, "fused_for_inference", False):
+            raise RuntimeError("this model was fused for inference (its BatchNorms are folded); "
+                               "build or load an unfused model to train")
+        return super().train(mode)
 
     def get_classifier(self) -> nn.Module:
         return self.head
