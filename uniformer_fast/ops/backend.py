@@ -10,7 +10,7 @@ first implementation that can run them. A backend asked for by name either runs 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -39,9 +39,13 @@ class _Op:
 
 _OPS: dict[str, _Op] = {}
 _default_backend = "auto"
-# The innermost use_backend's choice: {None: name for all ops, op: name for one op}.
-_scoped_backend: contextvars.ContextVar[dict] = contextvars.ContextVar("uniformer_fast_backend",
-                                                                       default={})
+# The innermost use_backend's choice per thread: {None: name for all ops, op: name for one op}.
+# A threading.local rather than a ContextVar: torch.compile traces reads of it (and guards on them).
+_scoped = threading.local()
+
+
+def _scoped_choice() -> dict:
+    return getattr(_scoped, "choice", None) or {}
 
 
 def _check_name(name, argname="backend"):
@@ -84,7 +88,7 @@ def set_backend(name: str) -> None:
 def get_backend(op: Optional[str] = None) -> str:
     """The backend name in force here (for ``op`` if given): the innermost ``use_backend`` that
     names it, else the default."""
-    scoped = _scoped_backend.get()
+    scoped = _scoped_choice()
     if op is not None and op in scoped:
         return scoped[op]
     return scoped.get(None, _default_backend)
@@ -94,19 +98,18 @@ def get_backend(op: Optional[str] = None) -> str:
 def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
     """Run the enclosed ops with backend ``name`` (only op ``op`` if given, e.g. ``"attention"``).
 
-    Contexts nest, the inner one winning, and are per thread/task.
+    Contexts nest, the inner one winning, and are per thread.
     """
     _check_name(name, "name")
     if op is not None and op not in _OPS:
         raise ValueError(f"op must be one of {', '.join(map(repr, _OPS))} or None; got {op!r}")
-    outer = _scoped_backend.get()
+    outer = getattr(_scoped, "choice", None)
     # A whole-model choice replaces the per-op ones made outside it.
-    scoped = {None: name} if op is None else {**outer, op: name}
-    token = _scoped_backend.set(scoped)
+    _scoped.choice = {None: name} if op is None else {**(outer or {}), op: name}
     try:
         yield
     finally:
-        _scoped_backend.reset(token)
+        _scoped.choice = outer
 
 
 def available_backends(op: str) -> tuple[str, ...]:
