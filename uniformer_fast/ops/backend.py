@@ -117,6 +117,10 @@ def available_backends(op: str) -> tuple[str, ...]:
     return tuple(_OPS[op].impls)
 
 
+# Device types autocast knows; asking about others (e.g. "meta") raises.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
 def autocast_inputs(*tensors):
     """Cast floating tensors to the autocast dtype when autocast is on for their device.
 
@@ -125,7 +129,7 @@ def autocast_inputs(*tensors):
     None pass through, so validation still sees what the caller gave.
     """
     device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
-    if device is None or not torch.is_autocast_enabled(device):
+    if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
