@@ -46,6 +46,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+# Kernel tests take their tensors' device from the `device` fixture: "cpu" (the default; Triton
+# kernels then run under the interpreter) or, in the GPU run (benchmarks/gpu_run.sh), "cuda" with
+# TRITON_INTERPRET=0 so the compiled kernels are tested.
+TEST_DEVICE = os.environ.get("UNIFORMER_FAST_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def device():
+    """The device kernel tests run on: ``$UNIFORMER_FAST_TEST_DEVICE`` (``cpu`` unless set)."""
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"UNIFORMER_FAST_TEST_DEVICE={TEST_DEVICE} but CUDA is not available")
+    return torch.device(TEST_DEVICE)
+
+
 def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, aligned=()):
     """Compile a Triton kernel ahead of time for ``sm_<arch>`` on the CPU; no GPU needed.
 
@@ -86,8 +100,46 @@ def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stage
             "shared": compiled.metadata.shared, "ptx": compiled.asm["ptx"], "sass": sass}
 
 
+def _make_compilable(monkeypatch, namespaces):
+    """Undo what Triton's interpreter did to these namespaces, for the test's duration.
+
+    Under TRITON_INTERPRET=1, @triton.jit functions (ours and triton.language's own, e.g. tl.sum's
+    combine) are interpreted functions the compiler cannot call: swap in JITFunctions of the same
+    source. And an interpreted kernel that called a triton.language @jit function leaves the
+    builtins of triton.language wrapped for the interpreter (triton 3.9: nothing restores them),
+    after which every compile in the process fails: unwrap them.
+    """
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    for ns in namespaces:
+        for name, obj in list(ns.items()):
+            if isinstance(obj, interpreter.InterpretedFunction):
+                monkeypatch.setitem(ns, name, JITFunction(obj.fn))
+                continue
+            orig = obj
+            while (getattr(orig, "__code__", None) is not None
+                   and orig.__code__.co_filename == interpreter.__file__
+                   and "member" in (orig.__kwdefaults__ or {})):
+                orig = orig.__kwdefaults__["member"]
+            if orig is not obj:
+                monkeypatch.setitem(ns, name, orig)
+
+
 @pytest.fixture
-def compile_for_gpu():
+def compile_for_gpu(monkeypatch):
     """``compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, aligned=())``, see
-    :func:`_compile_for_gpu`. Signature maps each runtime argument to a Triton type ("*bf16", "i32")."""
-    return _compile_for_gpu
+    :func:`_compile_for_gpu`. Signature maps each runtime argument to a Triton type ("*bf16", "i32").
+    Works whatever interpreted kernels ran earlier in the process."""
+    pytest.importorskip("triton")
+    import triton.language as tl
+
+    tl_namespaces = [vars(m) for m in (tl, tl.core, tl.math, tl.standard, tl.tensor,
+                                       tl.core.tensor_descriptor_base)]
+    _make_compilable(monkeypatch, tl_namespaces)
+
+    def compile_(kernel, *args, **kwargs):
+        _make_compilable(monkeypatch, [getattr(kernel, "fn", kernel).__globals__])  # the kernel's module
+        return _compile_for_gpu(kernel, *args, **kwargs)
+
+    return compile_
