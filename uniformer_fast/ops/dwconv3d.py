@@ -1,6 +1,7 @@
 """Depthwise 3-D convolution (the DPE and the Local MHRA affinity): validation and dispatch."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -55,3 +56,92 @@ def dwconv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     _validate(x, weight, bias, residual)
     _, fn = _backend.resolve("dwconv3d", backend, x.device, x, weight, bias, residual)
     return fn(x, weight, bias, residual)
+
+
+# --- "cpp": the C++ CPU kernels (csrc/, built into uniformer_fast._C by `pip install .`) ---------
+
+try:
+    from .. import _C as _cpp
+    _CPP_IMPORT_ERROR: Optional[str] = None
+except ImportError as _err:  # not built (e.g. no compiler at install time) or not loadable
+    _cpp = None
+    _CPP_IMPORT_ERROR = f"the C++ extension uniformer_fast._C failed to import ({type(_err).__name__}: {_err})"
+_cpp_warned = False
+
+
+def _cpp_why_not(x, weight, bias, residual):
+    global _cpp_warned
+    if _cpp is None:
+        if not _cpp_warned:  # "auto" then falls back to "reference": say so once per process
+            _cpp_warned = True
+            warnings.warn(f"dwconv3d: {_CPP_IMPORT_ERROR}; CPU calls use the 'reference' backend",
+                          RuntimeWarning, stacklevel=4)
+        return _CPP_IMPORT_ERROR
+    if x.device.type != "cpu":
+        return f"needs CPU tensors; got {x.device.type}"
+    if x.dtype != torch.float32:
+        return f"supports float32 only; got {x.dtype}"
+    return None
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t (B, C, T, H, W) as a tensor whose channel stride is 1: unchanged if it has one (the
+    kernels, C++ and Triton, read any B/T/H/W strides, so channels-last tensors and slices of them
+    pass without a copy), else copied once into ``channels_last_3d`` memory."""
+    if t.stride(1) == 1 or t.shape[1] == 1:
+        return t
+    return t.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _cpp_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
+              flip: bool = False) -> torch.Tensor:
+    """x (B, C, T, H, W) with unit channel stride -> (B, C, T, H, W) in channels_last_3d memory.
+    weight (C, 1, kt, kh, kw) and bias (C,) are read through their strides (point-reflected weight
+    if ``flip``), so no weight copies are made here."""
+    B, C, T, H, W = x.shape
+    y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device).permute(0, 4, 1, 2, 3)
+    sb, _, st, sh, sw = x.stride()
+    wc, _, wt, wh, ww = weight.stride()
+    _cpp.dwconv3d_fwd(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                      B, C, T, H, W, *weight.shape[2:], sb, st, sh, sw, wc, wt, wh, ww,
+                      1 if bias is None else bias.stride(0), flip, residual, torch.get_num_threads())
+    return y
+
+
+class _DWConv3dCpp(torch.autograd.Function):
+    """dwconv3d on the C++ kernels; activations and gradients (B, C, T, H, W) channels_last_3d."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        x = _channels_last(x)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.residual = bias is not None, residual
+        return _cpp_conv(x, weight.detach(), None if bias is None else bias.detach(), residual)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        gy = grad_y.contiguous(memory_format=torch.channels_last_3d)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # dx = conv(gy, reflected weight) (+ gy)
+            grad_x = _cpp_conv(gy, weight, None, ctx.residual, flip=True)
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] or want_b:
+            B, C, T, H, W = x.shape
+            dw = torch.empty(weight.shape, dtype=x.dtype)
+            db = torch.empty(C, dtype=x.dtype) if want_b else None
+            sb, _, st, sh, sw = x.stride()
+            _cpp.dwconv3d_bwd_weight(x.data_ptr(), gy.data_ptr(), dw.data_ptr(), 0 if db is None else db.data_ptr(),
+                                     B, C, T, H, W, *weight.shape[2:], sb, st, sh, sw, torch.get_num_threads())
+            grad_w = dw if ctx.needs_input_grad[1] else None
+            grad_b = db
+        return grad_x, grad_w, grad_b, None
+
+
+@_backend.register("dwconv3d", "cpp", why_not=_cpp_why_not)
+def dwconv3d_cpp(x, weight, bias=None, residual=False):
+    """The "cpp" backend: x (B, C, T, H, W) float32 on the CPU, any memory format (read in place if
+    its channel stride is 1, else converted once); returns (B, C, T, H, W) channels_last_3d."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _DWConv3dCpp.apply(x, weight, bias, residual)
+    return _cpp_conv(_channels_last(x), weight, bias, residual)  # inference: skip autograd's bookkeeping

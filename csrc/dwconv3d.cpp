@@ -1,0 +1,349 @@
+// uniformer_fast._C: depthwise 3-D convolution on the CPU, channels-last float32, OpenMP.
+//
+// Built without torch's headers: Python validates the tensors and passes data pointers (as
+// integers), sizes, strides (in elements) and a thread count, so the binary does not depend on the
+// torch version. The row kernels (dwconv3d_impl.h) are compiled three times, for AVX-512, AVX2+FMA
+// and the baseline x86-64 / other architectures, and the best one the CPU supports is picked at
+// import (override: UNIFORMER_FAST_ISA=avx512|avx2|generic, or _C.set_isa()).
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+#define UF_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+// An input row (b, t + dt - pt, hi) that the forward's current output rows read: x at (w = 0, c = 0);
+// w[o] is the weight at tap (dt, hi - (h + o) + ph, dw = 0), c = 0, for output row h + o, or null
+// where hi is not one of that row's taps. The kw taps follow at stride C.
+struct TapRow {
+    const float* x;
+    const float* w[2];
+};
+// hb (1 or 2) output rows h, h + 1 of one (b, t); y rows contiguous, x rows sxh apart (residual).
+using FwdRowFn = void (*)(int hb, int kw, const TapRow* rows, int nrows, long sxw, long C, int W,
+                          const float* bias, const float* xres, long sxh, float* yrow);
+// An output row's gy and the x row one (dt, dh) tap reads for it.
+struct WgradPair {
+    const float* x;   // x at (b, t + dt - pt, h + dh - ph, w = 0, c = 0), W stride sxw
+    const float* gy;  // gy at (b, t, h, w = 0, c = 0), contiguous (W, C)
+};
+using WgradTapFn = void (*)(int kw, const WgradPair* pairs, int npairs, long sxw, long C, int W,
+                            long c0, long c1, float* dwrow);
+using BgradRowFn = void (*)(const float* grow, long C, int W, long c0, long c1, float* db);
+
+struct RowKernels {
+    FwdRowFn fwd_row;
+    WgradTapFn wgrad_tap;
+    BgradRowFn bgrad_row;
+};
+
+}  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi2")
+namespace avx512 {
+#define UF_VLEN 16
+#include "dwconv3d_impl.h"
+#undef UF_VLEN
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi2")
+namespace avx2 {
+#define UF_VLEN 8
+#include "dwconv3d_impl.h"
+#undef UF_VLEN
+}  // namespace avx2
+#pragma GCC pop_options
+#define UF_HAVE_X86_VARIANTS 1
+#endif
+
+namespace generic {
+#define UF_VLEN 4
+#include "dwconv3d_impl.h"
+#undef UF_VLEN
+}  // namespace generic
+
+namespace {
+
+struct Isa {
+    const char* name;
+    const RowKernels* kernels;
+    bool (*supported)();
+};
+
+bool always() { return true; }
+#ifdef UF_HAVE_X86_VARIANTS
+bool has_avx512() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+}
+bool has_avx2() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+}
+#endif
+
+// Most preferred first.
+const Isa kIsas[] = {
+#ifdef UF_HAVE_X86_VARIANTS
+    {"avx512", &avx512::kernels, has_avx512},
+    {"avx2", &avx2::kernels, has_avx2},
+#endif
+    {"generic", &generic::kernels, always},
+};
+
+const Isa* g_isa = nullptr;
+
+const Isa* find_isa(const std::string& name) {
+    for (const Isa& isa : kIsas)
+        if (name == isa.name) return &isa;
+    return nullptr;
+}
+
+py::list supported_isas() {
+    py::list out;
+    for (const Isa& isa : kIsas)
+        if (isa.supported()) out.append(isa.name);
+    return out;
+}
+
+std::string set_isa(const std::string& name) {
+    const Isa* isa = find_isa(name);
+    if (!isa) throw std::invalid_argument("unknown ISA '" + name + "' (known: avx512, avx2, generic)");
+    if (!isa->supported()) throw std::invalid_argument("this CPU does not support ISA '" + name + "'");
+    std::string previous = g_isa->name;
+    g_isa = isa;
+    return previous;
+}
+
+void init_isa() {
+    for (const Isa& isa : kIsas)
+        if (isa.supported()) { g_isa = &isa; break; }
+    if (const char* env = std::getenv("UNIFORMER_FAST_ISA"); env && *env) set_isa(env);
+}
+
+inline const float* fptr(std::uintptr_t p) { return reinterpret_cast<const float*>(p); }
+inline float* mptr(std::uintptr_t p) { return reinterpret_cast<float*>(p); }
+
+struct Shape {
+    long B, C, T, H, W;
+    int kt, kh, kw;
+    long K() const { return (long)kt * kh * kw; }
+};
+
+Shape make_shape(long B, long C, long T, long H, long W, int kt, int kh, int kw) {
+    if (B < 1 || C < 1 || T < 1 || H < 1 || W < 1)
+        throw std::invalid_argument("dwconv3d: sizes must be positive");
+    for (int k : {kt, kh, kw})
+        if (k < 1 || k > 7 || k % 2 == 0)
+            throw std::invalid_argument("dwconv3d: kernel sizes must be odd and at most 7");
+    if (W > (1L << 30) || H > (1L << 30)) throw std::invalid_argument("dwconv3d: W and H must be < 2**30");
+    return {B, C, T, H, W, kt, kh, kw};
+}
+
+int clamp_threads(long threads) { return (int)std::max(1L, std::min(threads, 1024L)); }
+
+// The input rows that output rows h .. h + hb - 1 of (b, t) read, dt-major and ascending in the
+// input row, so each output row meets its taps in (dt, dh) order.
+int tap_rows(const Shape& s, const float* x, long sxb, long sxt, long sxh, const float* wt,
+             long b, long t, long h, int hb, TapRow* rows) {
+    const int pt = s.kt / 2, ph = s.kh / 2;
+    int n = 0;
+    for (int dt = 0; dt < s.kt; ++dt) {
+        const long ti = t + dt - pt;
+        if (ti < 0 || ti >= s.T) continue;
+        for (long hi = std::max(0L, h - ph); hi <= std::min(s.H - 1, h + hb - 1 + ph); ++hi) {
+            rows[n].x = x + b * sxb + ti * sxt + hi * sxh;
+            for (int o = 0; o < 2; ++o) {
+                const long dh = hi - (h + o) + ph;
+                rows[n].w[o] = (o < hb && dh >= 0 && dh < s.kh) ? wt + (long)((dt * s.kh + dh) * s.kw) * s.C : nullptr;
+            }
+            ++n;
+        }
+    }
+    return n;
+}
+
+// weight (C, 1, kt, kh, kw) with element strides (swc, swt, swh, sww), read into wt (kt*kh*kw, C)
+// contiguous, point-reflected if flip (the input gradient convolves gy with the reflected kernel).
+void taps_by_channel(const Shape& s, const float* weight, long swc, long swt, long swh, long sww, bool flip,
+                     float* wt) {
+    for (int dt = 0; dt < s.kt; ++dt)
+        for (int dh = 0; dh < s.kh; ++dh)
+            for (int dw = 0; dw < s.kw; ++dw) {
+                const long tap = (dt * s.kh + dh) * s.kw + dw;
+                const long off = flip ? (s.kt - 1 - dt) * swt + (s.kh - 1 - dh) * swh + (s.kw - 1 - dw) * sww
+                                      : dt * swt + dh * swh + dw * sww;
+                for (long c = 0; c < s.C; ++c) wt[tap * s.C + c] = weight[off + c * swc];
+            }
+}
+
+// y[b, t, h, w, c] = bias[c] + sum_taps weight[c, dt, dh, dw] * x[b, t + dt - pt, h + dh - ph, w + dw - pw, c]
+//                    (+ x[b, t, h, w, c] if residual)
+// x: (B, T, H, W, C) with strides (sxb, sxt, sxh, sxw, 1); weight: (C, 1, kt, kh, kw) with strides
+// (swc, swt, swh, sww), reflected if flip; bias: (C,) with stride sbc, or 0; y: (B, T, H, W, C)
+// contiguous. The backward's input gradient is this with flip on and gy as x.
+void dwconv3d_fwd(std::uintptr_t x_p, std::uintptr_t w_p, std::uintptr_t bias_p, std::uintptr_t y_p,
+                  long B, long C, long T, long H, long W, int kt, int kh, int kw,
+                  long sxb, long sxt, long sxh, long sxw, long swc, long swt, long swh, long sww, long sbc,
+                  bool flip, bool residual, long threads) {
+    const Shape s = make_shape(B, C, T, H, W, kt, kh, kw);
+    const float* x = fptr(x_p);
+    float* y = mptr(y_p);
+    // The weights as the kernels read them (and a unit-stride bias) in a reused per-thread scratch.
+    static thread_local std::vector<float> scratch;
+    scratch.resize((size_t)((s.K() + 1) * C));
+    float* wt = scratch.data();
+    taps_by_channel(s, fptr(w_p), swc, swt, swh, sww, flip, wt);
+    const float* bias = fptr(bias_p);
+    if (bias && sbc != 1) {
+        float* b = wt + s.K() * C;
+        for (long c = 0; c < C; ++c) b[c] = bias[c * sbc];
+        bias = b;
+    }
+    const RowKernels* k = g_isa->kernels;
+    const long nrow = B * T * H;
+    // Output rows go in pairs (h, h + 1) of the same (b, t): see fwd_block.
+    const long hpairs = (H + 1) / 2, nunit = B * T * hpairs;
+    // A thread per ~256K multiply-adds at most: waking a thread costs more than a tiny call's work.
+    const int nthreads = clamp_threads(std::min({threads, nunit, (nrow * W * C * s.K()) >> 18}));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long unit = 0; unit < nunit; ++unit) {
+        const long h = 2 * (unit % hpairs), bt = unit / hpairs, t = bt % T, b = bt / T;
+        const int hb = h + 1 < H ? 2 : 1;
+        TapRow rows[7 * 8];
+        const int n = tap_rows(s, x, sxb, sxt, sxh, wt, b, t, h, hb, rows);
+        const float* xres = residual ? x + b * sxb + t * sxt + h * sxh : nullptr;
+        k->fwd_row(hb, kw, rows, n, sxw, C, (int)W, bias, xres, sxh, y + ((bt * H) + h) * W * C);
+    }
+}
+
+// Weight and bias gradients:
+//   dweight[c, tap] = sum_{b,t,h,w} gy[b, t, h, w, c] * x[b, t + dt - pt, h + dh - ph, w + dw - pw, c]
+//   db[c]       = sum_{b,t,h,w} gy[b, t, h, w, c]
+// x: (B, T, H, W, C) strides (sxb, sxt, sxh, sxw, 1); gy: (B, T, H, W, C) contiguous;
+// dweight: (C, 1, kt, kh, kw) contiguous and db: (C,) or 0, both overwritten.
+// The output rows are cut into chunks that depend on the shape only; each chunk's partial sums go
+// to its own buffer, and the buffers are added in chunk order, so the result is bitwise the same
+// for any thread count.
+void dwconv3d_bwd_weight(std::uintptr_t x_p, std::uintptr_t gy_p, std::uintptr_t dw_p, std::uintptr_t db_p,
+                         long B, long C, long T, long H, long W, int kt, int kh, int kw,
+                         long sxb, long sxt, long sxh, long sxw, long threads) {
+    const Shape s = make_shape(B, C, T, H, W, kt, kh, kw);
+    const float* x = fptr(x_p);
+    const float* gy = fptr(gy_p);
+    float* dweight = mptr(dw_p);
+    float* db = mptr(db_p);
+    const RowKernels* k = g_isa->kernels;
+    const long K = s.K();
+    const long nrow = B * T * H;
+    const long per_chunk = K * C + C;  // partial dW then partial db
+    // At most 32 row chunks and about 64 MiB of partial sums; never fewer than one row per chunk.
+    const long cap = std::max(1L, (64L << 20) / (4 * per_chunk));
+    // Row chunks of at least ~4M multiply-adds, so small shapes do not pay for many partial buffers;
+    // the work units are (row chunk, block of 64 channels), so a few chunks still feed the threads.
+    // Each partial-sum element is written by one unit, in a fixed order.
+    const long work = std::max(1L, nrow * W * C * K >> 22);
+    const long nchunk = std::max(1L, std::min({nrow, 32L, cap, work}));
+    const long CB = 64, ncb = (C + CB - 1) / CB, nunit = nchunk * ncb;
+    // Partial sums live in a per-calling-thread scratch that is reused between calls.
+    static thread_local std::vector<float> scratch;
+    if (scratch.size() < (size_t)(nchunk * per_chunk)) scratch.resize((size_t)(nchunk * per_chunk));
+    float* part = scratch.data();
+    const int nthreads = clamp_threads(std::min({threads, nunit, (nrow * W * C * K) >> 18}));
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<WgradPair> pairs;
+#pragma omp for schedule(dynamic, 1)
+        for (long unit = 0; unit < nunit; ++unit) {
+            const long ch = unit / ncb, c0 = (unit % ncb) * CB, c1 = std::min(C, c0 + CB);
+            float* pdw = part + ch * per_chunk;
+            float* pdb = pdw + K * C;
+            for (long tap = 0; tap <= K; ++tap)  // this unit's channels of every tap row, then of db
+                std::fill(pdw + tap * C + c0, pdw + tap * C + c1, 0.0f);
+            const long r0 = nrow * ch / nchunk, r1 = nrow * (ch + 1) / nchunk;
+            pairs.resize((size_t)(r1 - r0));
+            for (int dt = 0; dt < kt; ++dt)
+                for (int dh = 0; dh < kh; ++dh) {
+                    int n = 0;
+                    for (long row = r0; row < r1; ++row) {
+                        const long h = row % H, t = (row / H) % T, b = row / (H * T);
+                        const long ti = t + dt - kt / 2, hi = h + dh - kh / 2;
+                        if (ti < 0 || ti >= T || hi < 0 || hi >= H) continue;
+                        pairs[n].x = x + b * sxb + ti * sxt + hi * sxh;
+                        pairs[n].gy = gy + row * W * C;
+                        ++n;
+                    }
+                    if (n)
+                        k->wgrad_tap(kw, pairs.data(), n, sxw, C, (int)W, c0, c1,
+                                     pdw + (long)((dt * kh + dh) * kw) * C);
+                }
+            if (db)
+                for (long row = r0; row < r1; ++row) k->bgrad_row(gy + row * W * C, C, (int)W, c0, c1, pdb);
+        }
+        // Fixed-order sum over chunks; each output element is owned by one thread.
+        const long nout = db ? per_chunk : K * C;
+#pragma omp for schedule(static)
+        for (long i = 0; i < nout; ++i) {
+            float acc = 0.0f;
+            for (long ch = 0; ch < nchunk; ++ch) acc += part[ch * per_chunk + i];
+            if (i < K * C) dweight[(i % C) * K + i / C] = acc;
+            else db[i - K * C] = acc;
+        }
+    }
+}
+
+bool has_openmp() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "uniformer_fast CPU kernels: depthwise 3-D convolution on channels-last float32 "
+              "(data pointers, sizes and element strides in; no torch headers)";
+    init_isa();
+    m.def("dwconv3d_fwd", &dwconv3d_fwd, py::call_guard<py::gil_scoped_release>(),
+          py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
+          py::arg("B"), py::arg("C"), py::arg("T"), py::arg("H"), py::arg("W"),
+          py::arg("kt"), py::arg("kh"), py::arg("kw"),
+          py::arg("sxb"), py::arg("sxt"), py::arg("sxh"), py::arg("sxw"),
+          py::arg("swc"), py::arg("swt"), py::arg("swh"), py::arg("sww"), py::arg("sbc"),
+          py::arg("flip"), py::arg("residual"), py::arg("threads"),
+          "y (B,T,H,W,C) contiguous = depthwise conv of x (B,T,H,W,C; strides sxb..sxw, unit C "
+          "stride) with weight (C,1,kt,kh,kw; strides swc..sww; reflected if flip) + bias (C,; "
+          "stride sbc) or 0 (+ x if residual).");
+    m.def("dwconv3d_bwd_weight", &dwconv3d_bwd_weight, py::call_guard<py::gil_scoped_release>(),
+          py::arg("x"), py::arg("grad_y"), py::arg("grad_weight"), py::arg("grad_bias"),
+          py::arg("B"), py::arg("C"), py::arg("T"), py::arg("H"), py::arg("W"),
+          py::arg("kt"), py::arg("kh"), py::arg("kw"),
+          py::arg("sxb"), py::arg("sxt"), py::arg("sxh"), py::arg("sxw"), py::arg("threads"),
+          "grad_weight (C,1,kt,kh,kw contiguous) and grad_bias (C,) or 0 from x (strided) and grad_y "
+          "(B,T,H,W,C contiguous); bitwise the same for any thread count.");
+    m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
+    m.def("supported_isas", &supported_isas, "Instruction sets this CPU can run, best first.");
+    m.def("set_isa", &set_isa, py::arg("name"), "Select the kernels' instruction set; returns the previous one.");
+    m.def("has_openmp", &has_openmp);
+}
