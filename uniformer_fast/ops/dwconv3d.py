@@ -145,3 +145,72 @@ def dwconv3d_cpp(x, weight, bias=None, residual=False):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _DWConv3dCpp.apply(x, weight, bias, residual)
     return _cpp_conv(_channels_last(x), weight, bias, residual)  # inference: skip autograd's bookkeeping
+
+
+# --- "triton": the fused kernels in kernels/dwconv3d.py -------------------------------------------
+
+def _triton_why_not(x, weight, bias, residual):
+    from ..kernels import why_not_triton
+    reason = why_not_triton(x, weight, bias)
+    if reason is not None:
+        return reason
+    from ..kernels.dwconv3d import SUPPORTED_DTYPES, why_not_shape
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"x must be float16, bfloat16 or float32; got {x.dtype}"
+    return why_not_shape(x.shape)
+
+
+def _weight_taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """weight (C, 1, kt, kh, kw) -> (kt * kh * kw, C) contiguous, tap-major (the kernels' layout);
+    ``flip`` point-reflects the kernel (the input gradient's convolution)."""
+    w = weight.detach()
+    if flip:
+        w = w.flip((2, 3, 4))
+    return w.reshape(w.shape[0], -1).t().contiguous()
+
+
+class _DWConv3dTriton(torch.autograd.Function):
+    """dwconv3d on the Triton kernels. Activations and gradients are (B, C, T, H, W) with unit
+    channel stride; outputs and input gradients come in dense ``channels_last_3d`` memory."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        from ..kernels.dwconv3d import dwconv3d_fwd
+        x = _channels_last(x)
+        b = None if bias is None else bias.detach().contiguous()
+        kernel = tuple(weight.shape[2:])
+        y = dwconv3d_fwd(x, _weight_taps(weight), b, residual, kernel)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.residual = bias is not None, residual
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from ..kernels.dwconv3d import dwconv3d_bwd_dw, dwconv3d_fwd
+        x, weight = ctx.saved_tensors
+        # Any B/T/H/W strides are read in place; a gradient without unit channel stride (e.g. the
+        # stride-0 one of y.sum().backward()) is made channels-last once.
+        gy = _channels_last(grad_y)
+        kernel = tuple(weight.shape[2:])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # dx = conv(dy, point-reflected kernel) (+ dy for the residual), the forward kernel.
+            grad_x = dwconv3d_fwd(gy, _weight_taps(weight, flip=True), None, ctx.residual, kernel)
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] or want_b:
+            dw_taps, db = dwconv3d_bwd_dw(x, gy, kernel, with_bias=want_b)
+            if ctx.needs_input_grad[1]:
+                grad_w = dw_taps.t().reshape(weight.shape).to(weight.dtype)
+            if want_b:
+                grad_b = db.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+@_backend.register("dwconv3d", "triton", why_not=_triton_why_not)
+def dwconv3d_triton(x, weight, bias=None, residual=False):
+    """The "triton" backend: x (B, C, T, H, W) float16/bfloat16/float32 on a CUDA device (or on
+    the CPU under ``TRITON_INTERPRET=1``), any memory format: read in place if its channel stride
+    is 1 (``channels_last_3d`` or a B/T/H/W slice of it), else converted to ``channels_last_3d``
+    once. Returns (B, C, T, H, W) in dense ``channels_last_3d`` memory; gradients likewise for x,
+    float32-accumulated and deterministic for weight and bias."""
+    return _DWConv3dTriton.apply(x, weight, bias, residual)

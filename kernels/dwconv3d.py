@@ -1,0 +1,309 @@
+"""Depthwise 3-D convolution (stride 1, zero "same" padding, odd kernels up to 7): Triton kernels.
+
+Layouts (channels-last inside, so a program's BLOCK_C channels are contiguous in memory and each
+thread loads 16 bytes along C):
+
+- ``x``: (B, T, H, W, C) read through its strides ``(stride_b, stride_t, stride_h, stride_w)``
+  with unit channel stride, i.e. a (B, C, T, H, W) tensor in ``channels_last_3d`` memory or any
+  slice of one along B/T/H/W. Nothing else about its strides is assumed.
+- ``weight_taps``: (KT * KH * KW, C) contiguous, tap-major: row ``(kt * KH + kh) * KW + kw`` holds
+  that tap's weight for every channel, so a program loads its BLOCK_C weights of a tap with one
+  contiguous load, once.
+- ``y`` / ``dx``: (B, T, H, W, C) contiguous (dense ``channels_last_3d``), written here.
+- ``dw_partial``: (G, KT * KH * KW, C) float32, ``db_partial``: (G, C) float32: one row per
+  position group of the weight-gradient kernel; summed over G afterwards.
+
+Kernels:
+
+- :func:`dwconv3d_fwd_kernel`: ``y = conv(x) (+ bias) (+ x)``. A program owns BLOCK_P positions
+  (a run of the flattened T*H*W positions of one batch element) x BLOCK_C channels and
+  accumulates in float32 over the taps: a runtime loop over the KT*KH rows of taps, unrolled
+  along KW; each tap's BLOCK_C weights are loaded once per program. The input gradient is the same kernel
+  on ``dy`` with the point-reflected kernel, ``+ dy`` when the forward had the residual.
+- :func:`dwconv3d_bwd_dw_kernel`: the weight and bias gradient. A program owns a group of
+  ``tiles_per_prog`` position tiles x BLOCK_C channels; for each tap it accumulates
+  ``dy * x_shifted`` over its tiles in a float32 (BLOCK_P, BLOCK_C) register block and stores the
+  column sums as its row of ``dw_partial``. The launcher then sums the G rows with ``torch.sum``
+  (a fixed-order reduction): no float atomics, so two runs give bitwise-equal gradients.
+
+Offsets are 64-bit: batch and position offsets are promoted to int64 before they meet a stride,
+so tensors past 2**31 elements are addressed correctly.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL = 7
+
+# Block sizes, keyed by the channel block: BLOCK_C channels of 16-bit data are 8 threads x 16
+# bytes (64 channels) or 4 threads x 16 bytes (32 channels); BLOCK_P * BLOCK_C = 4096 elements per
+# program. Every config the launchers can choose is compiled for sm_80 and sm_90 in
+# tests/test_dwconv3d_compile.py, which fails on any register spill.
+GPU_BLOCKS = {
+    64: dict(BLOCK_P=64, BLOCK_C=64),
+    32: dict(BLOCK_P=128, BLOCK_C=32),
+}
+# Forward warps: 8 keep the float32 accumulator at 16 registers per thread (sm_90: 73 registers
+# for 3x3x3, 113 for 5x5x5, against 123 / 168 with 4 warps). A row of 7 unrolled taps (KW = 7)
+# with 16-bit data spilled at 8 warps on sm_80, where ptxas holds 256-thread programs to 80
+# registers; it takes 4.
+FWD_NUM_WARPS = 8
+FWD_NUM_WARPS_KW7 = 4
+# Weight gradient: 4 warps (8 spilled on sm_80 for float32 at its 80-register cap).
+DW_NUM_WARPS = 4
+# Weight-gradient programs per SM: as many as fit at once (4 warps at <= 128 registers: 4), few
+# enough that the float32 partials (G x taps x C) stay small next to the activations.
+DW_PROGRAMS_PER_SM = 4
+# Under the interpreter every op costs ~0.1 ms per program whatever the block size: few, large
+# position tiles; a channel block of 16 so that small test channel counts (C = 20) still cross a
+# block edge; two tiles per weight-gradient program so its tile loop and the second reduction
+# over G both run.
+INTERPRET_CONFIG = dict(BLOCK_P=64, BLOCK_C=16, num_warps=1)
+INTERPRET_DW_TILES_PER_PROG = 2
+
+
+def why_not_shape(shape) -> "str | None":
+    """None if the kernels can address x of this (B, C, T, H, W) shape, else why not: positions
+    within one batch element are int32, and the batch is grid axis 2 (at most 65535 programs)."""
+    B, _, T, H, W = shape
+    if T * H * W >= 2 ** 31:
+        return f"T * H * W must be below 2**31; got {T * H * W}"
+    if B > 65535:
+        return f"the batch must be at most 65535; got {B}"
+    return None
+
+
+def fwd_config(C: int, kernel_size: tuple) -> dict:
+    """BLOCK_P, BLOCK_C and num_warps of the forward (and input-gradient) kernel."""
+    if INTERPRET:
+        return dict(INTERPRET_CONFIG)
+    warps = FWD_NUM_WARPS_KW7 if kernel_size[2] == 7 else FWD_NUM_WARPS
+    return dict(GPU_BLOCKS[64 if C > 32 else 32], num_warps=warps)
+
+
+def dw_config(C: int) -> dict:
+    """BLOCK_P, BLOCK_C and num_warps of the weight-gradient kernel."""
+    if INTERPRET:
+        return dict(INTERPRET_CONFIG)
+    return dict(GPU_BLOCKS[64 if C > 32 else 32], num_warps=DW_NUM_WARPS)
+
+
+@triton.jit
+def dwconv3d_fwd_kernel(
+    x_ptr,  # (B, T, H, W, C) strided, unit channel stride
+    w_ptr,  # (KT * KH * KW, C) contiguous
+    b_ptr,  # (C,) or a dummy when HAS_BIAS is False
+    y_ptr,  # (B, T, H, W, C) contiguous
+    C, T, H, W,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    HW = H * W
+    THW = T * HW
+    # Positions within one batch element fit in int32 (T*H*W < 2**31); offsets do not.
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < THW
+    t = p // HW
+    h = (p // W) % H
+    w = p % W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_base = x_ptr + pid_b * stride_xb
+    x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
+
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    # A runtime loop over the (kt, kh) rows of taps, unrolled only along kw: fully unrolled, the
+    # compiler hoists every tap's load ahead of the FMAs and runs out of registers (5x5x5).
+    for k in range(KT * KH):
+        dt = k // KH - KT // 2
+        dh = k % KH - KH // 2
+        ti = t + dt
+        hi = h + dh
+        m_th = p_mask & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < H)
+        row_off = x_off + (dt * stride_xt + dh * stride_xh)
+        for kw in tl.static_range(KW):
+            wi = w + (kw - KW // 2)
+            m = m_th & (wi >= 0) & (wi < W)
+            xv = tl.load(x_base + (row_off + (kw - KW // 2) * stride_xw)[:, None] + c[None, :],
+                         mask=m[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + (k * KW + kw) * C + c, mask=c_mask, other=0.0)
+            acc += xv * wv.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    mask = p_mask[:, None] & c_mask[None, :]
+    if RESIDUAL:
+        acc += tl.load(x_base + x_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    y_off = (pid_b * THW + p) * C
+    tl.store(y_ptr + y_off[:, None] + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dwconv3d_bwd_dw_kernel(
+    x_ptr,  # (B, T, H, W, C) strided, unit channel stride
+    dy_ptr,  # (B, T, H, W, C) strided, unit channel stride
+    dw_partial_ptr,  # (G, KT * KH * KW, C) float32
+    db_partial_ptr,  # (G, C) float32, or a dummy when HAS_BIAS is False
+    C, T, H, W,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_dyb, stride_dyt, stride_dyh, stride_dyw,
+    tiles_per_batch, num_tiles, tiles_per_prog,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    HW = H * W
+    THW = T * HW
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    row = pid_g.to(tl.int64) * (KT * KH * KW) * C
+
+    # Runtime loops (taps outside, the program's tiles inside) keep one float32 accumulator
+    # block live; unrolled, the compiler would hoist every tap's loads and run out of registers.
+    for tap in range(KT * KH * KW):
+        dt = tap // (KH * KW) - KT // 2
+        dh = (tap // KW) % KH - KH // 2
+        dw = tap % KW - KW // 2
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for i in range(tiles_per_prog):
+            tile = pid_g * tiles_per_prog + i
+            b = (tile // tiles_per_batch).to(tl.int64)
+            p = (tile % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
+            # A tile past the last one reads nothing (b would be out of range); the scalar
+            # condition goes into the bound, not the vector mask (interpreter).
+            p_mask = p < tl.where(tile < num_tiles, THW, 0)
+            t = p // HW
+            h = (p // W) % H
+            w = p % W
+            ti = t + dt
+            hi = h + dh
+            wi = w + dw
+            m = p_mask & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            m2 = m[:, None] & c_mask[None, :]
+            dy_off = (b * stride_dyb + t.to(tl.int64) * stride_dyt
+                      + h.to(tl.int64) * stride_dyh + w.to(tl.int64) * stride_dyw)
+            x_off = (b * stride_xb + ti.to(tl.int64) * stride_xt
+                     + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)
+            dyv = tl.load(dy_ptr + dy_off[:, None] + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            acc += dyv * xv
+        tl.store(dw_partial_ptr + row + tap * C + c, tl.sum(acc, axis=0), mask=c_mask)
+
+    if HAS_BIAS:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for i in range(tiles_per_prog):
+            tile = pid_g * tiles_per_prog + i
+            b = (tile // tiles_per_batch).to(tl.int64)
+            p = (tile % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
+            p_mask = p < tl.where(tile < num_tiles, THW, 0)
+            t = p // HW
+            h = (p // W) % H
+            w = p % W
+            dy_off = (b * stride_dyb + t.to(tl.int64) * stride_dyt
+                      + h.to(tl.int64) * stride_dyh + w.to(tl.int64) * stride_dyw)
+            acc += tl.load(dy_ptr + dy_off[:, None] + c[None, :],
+                           mask=p_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        tl.store(db_partial_ptr + pid_g.to(tl.int64) * C + c, tl.sum(acc, axis=0), mask=c_mask)
+
+
+# --- launchers ------------------------------------------------------------------------------------
+
+def _check_channel_stride(name: str, t: torch.Tensor) -> None:
+    if t.shape[1] != 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit channel stride (channels_last_3d); got strides {t.stride()}")
+
+
+def dwconv3d_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, residual: bool,
+                 kernel_size: tuple) -> torch.Tensor:
+    """``conv(x) (+ bias) (+ x)``.
+
+    Args:
+        x: (B, C, T, H, W) with unit channel stride (a ``channels_last_3d`` tensor or a B/T/H/W
+            slice of one); other strides are read as they are.
+        weight_taps: (KT * KH * KW, C) contiguous, tap-major (see the module docstring).
+        bias: (C,) contiguous or None.
+        residual: add ``x`` to the result.
+        kernel_size: (KT, KH, KW), odd, each <= 7.
+
+    Returns:
+        (B, C, T, H, W) in dense ``channels_last_3d`` memory, x's dtype.
+    """
+    _check_channel_stride("x", x)
+    B, C, T, H, W = x.shape
+    KT, KH, KW = kernel_size
+    assert weight_taps.shape == (KT * KH * KW, C) and weight_taps.is_contiguous()
+    y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
+    cfg = fwd_config(C, kernel_size)
+    BLOCK_P, BLOCK_C, num_warps = cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["num_warps"]
+    sb, _, st, sh, sw = x.stride()
+    grid = (triton.cdiv(T * H * W, BLOCK_P), triton.cdiv(C, BLOCK_C), B)
+    dwconv3d_fwd_kernel[grid](
+        x, weight_taps, bias if bias is not None else weight_taps, y,
+        C, T, H, W, sb, st, sh, sw,
+        KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual,
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
+    )
+    return y.permute(0, 4, 1, 2, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dwconv3d_bwd_dw(x: torch.Tensor, dy: torch.Tensor, kernel_size: tuple, with_bias: bool):
+    """Weight and bias gradients, float32, deterministic.
+
+    Args:
+        x, dy: (B, C, T, H, W), each with unit channel stride (other strides free).
+        kernel_size: (KT, KH, KW).
+        with_bias: also return the bias gradient.
+
+    Returns:
+        ``(dw_taps, db)``: (KT * KH * KW, C) float32 and (C,) float32 or None.
+    """
+    _check_channel_stride("x", x)
+    _check_channel_stride("dy", dy)
+    B, C, T, H, W = x.shape
+    KT, KH, KW = kernel_size
+    taps = KT * KH * KW
+    cfg = dw_config(C)
+    BLOCK_P, BLOCK_C, num_warps = cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["num_warps"]
+    tiles_per_batch = triton.cdiv(T * H * W, BLOCK_P)
+    num_tiles = B * tiles_per_batch
+    c_blocks = triton.cdiv(C, BLOCK_C)
+    if INTERPRET or x.device.type != "cuda":
+        tiles_per_prog = INTERPRET_DW_TILES_PER_PROG
+    else:
+        # The grouping depends only on the shape and the GPU, so results are reproducible.
+        groups = max(1, DW_PROGRAMS_PER_SM * _num_sms(x.device) // c_blocks)
+        tiles_per_prog = triton.cdiv(num_tiles, groups)
+    G = triton.cdiv(num_tiles, tiles_per_prog)
+    dw_partial = torch.empty((G, taps, C), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((G, C), dtype=torch.float32, device=x.device) if with_bias else dw_partial
+    sxb, _, sxt, sxh, sxw = x.stride()
+    sdb, _, sdt, sdh, sdw = dy.stride()
+    dwconv3d_bwd_dw_kernel[(G, c_blocks)](
+        x, dy, dw_partial, db_partial,
+        C, T, H, W, sxb, sxt, sxh, sxw, sdb, sdt, sdh, sdw,
+        tiles_per_batch, num_tiles, tiles_per_prog,
+        KT=KT, KH=KH, KW=KW, HAS_BIAS=with_bias,
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
+    )
+    # The second, small reduction: a fixed-order sum over the G groups.
+    dw = dw_partial.sum(0)
+    db = db_partial.sum(0) if with_bias else None
+    return dw, db

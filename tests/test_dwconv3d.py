@@ -1,0 +1,210 @@
+"""The "triton" backend of ops.dwconv3d (kernels/dwconv3d.py): parity with the float64 reference
+for the output, dx, dweight and dbias over edge shapes, every kernel-size form, residual and bias
+on/off, every dtype and input layout; bitwise determinism of the weight gradient; errors.
+
+On the CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+which costs ~0.1 ms per operation per program: the shapes are tiny but cross every edge (channels
+not a multiple of the 16-channel interpreter block, position tiles that straddle batch elements,
+weight-gradient groups with a tile past the end, T=1, H=W=1, kernels larger than the input).
+"""
+import importlib
+
+import pytest
+import torch
+
+from uniformer_fast import ops
+from uniformer_fast.ops import BackendUnavailableError
+
+pytest.importorskip("triton")
+
+CL = torch.channels_last_3d
+LAYOUTS = ("contiguous", "channels_last", "sliced_channels_last", "sliced_contiguous")
+dwconv3d_module = importlib.import_module("uniformer_fast.ops.dwconv3d")
+
+
+def _make_x(shape, dtype, layout, device):
+    """x (B, C, T, H, W) in the given layout; the "sliced_*" ones are views of a larger tensor
+    (a channel window, a T window and every other W column), so their strides are not dense and
+    their data pointer is offset."""
+    B, C, T, H, W = shape
+    if layout.startswith("sliced"):
+        big = torch.randn(B, C + 3, T + 1, H, 2 * W + 1, device=device).to(dtype)
+        if layout == "sliced_channels_last":
+            big = big.to(memory_format=CL)
+        x = big[:, 1:C + 1, 1:, :, 1::2]
+        assert x.shape == shape and not x.is_contiguous() and not x.is_contiguous(memory_format=CL)
+        return x
+    x = torch.randn(shape, device=device).to(dtype)
+    return x.to(memory_format=CL) if layout == "channels_last" else x
+
+
+def _run(x, w, b, residual, backend, grad_y):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    y = ops.dwconv3d(x, w, b, residual=residual, backend=backend)
+    y.backward(grad_y.to(y.dtype))
+    return y, x.grad, w.grad, None if b is None else b.grad
+
+
+def _check(shape, kernel, dtype, residual, with_bias, layout, device, assert_close):
+    C = shape[1]
+    x = _make_x(shape, dtype, layout, device)
+    w = torch.randn((C, 1) + tuple(kernel), device=device).to(dtype)
+    b = torch.randn(C, device=device).to(dtype) if with_bias else None
+    gy = torch.randn(shape, device=device).to(dtype)
+    x_before = x.clone()
+    out = _run(x, w, b, residual, "triton", gy)
+    # The reference sees the very values the kernel saw, in float64.
+    ref = _run(x.double(), w.double(), None if b is None else b.double(), residual, "reference",
+               gy.double())
+    assert torch.equal(x, x_before), "the input was modified"
+    y = out[0]
+    assert y.shape == shape and y.dtype == dtype and y.device == x.device
+    assert y.is_contiguous(memory_format=CL), "the output must be dense channels_last_3d"
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), out, ref):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        assert_close(a, e, dtype=dtype, name=f"{name} {shape} {kernel} {dtype} {layout}")
+    return out
+
+
+@pytest.mark.parametrize("shape,kernel", [
+    ((2, 20, 3, 4, 5), (3, 3, 3)),  # C = 16 + 4: a partial channel block
+    ((3, 5, 2, 3, 4), (3, 3, 3)),  # 3 tiles: the last weight-gradient group has a tile past the end
+    ((2, 4, 3, 6, 5), (3, 3, 3)),  # 90 positions: two tiles per batch element, the second partial
+    ((1, 16, 1, 4, 4), (3, 3, 3)),  # T = 1
+    ((2, 5, 3, 1, 1), (3, 3, 3)),  # H = W = 1
+    ((1, 1, 2, 3, 3), (3, 3, 3)),  # C = 1
+    ((1, 7, 4, 3, 6), (5, 5, 5)),  # non-square, the kernel wider than H
+    ((1, 6, 2, 5, 4), (1, 3, 3)),  # the 2-D case
+    ((1, 6, 5, 2, 3), (3, 1, 1)),  # the temporal case
+    ((1, 6, 3, 4, 2), (1, 1, 1)),
+    ((1, 4, 3, 5, 3), (3, 5, 7)),
+    ((1, 3, 3, 4, 5), (7, 7, 7)),  # the largest kernel, larger than every dimension
+], ids=lambda v: "x".join(map(str, v)))
+def test_dwconv3d_triton_shapes_and_kernels(shape, kernel, device, assert_close):
+    _check(shape, kernel, torch.float32, True, True, "channels_last", device, assert_close)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no_bias"))
+@pytest.mark.parametrize("residual", (True, False), ids=("residual", "plain"))
+def test_dwconv3d_triton_options_and_layouts(residual, with_bias, layout, device, assert_close):
+    _check((2, 20, 3, 4, 5), (3, 3, 3), torch.float32, residual, with_bias, layout, device,
+           assert_close)
+
+
+@pytest.mark.parametrize("kernel", ((3, 3, 3), (5, 5, 5)), ids=("3x3x3", "5x5x5"))
+@pytest.mark.parametrize("residual", (True, False), ids=("residual", "plain"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_dwconv3d_triton_half_dtypes(dtype, residual, kernel, device, assert_close):
+    # bf16 stores truncate under the interpreter (1 ulp from the GPU's rounding): within 2e-2.
+    _check((2, 20, 3, 4, 5), kernel, dtype, residual, True, "channels_last", device, assert_close)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_dwconv3d_triton_half_dtypes_sliced(dtype, device, assert_close):
+    _check((1, 12, 3, 4, 3), (3, 3, 3), dtype, False, False, "sliced_channels_last", device,
+           assert_close)
+
+
+def test_dwconv3d_triton_stride0_grad(device, assert_close):
+    """y.sum().backward() hands the backward an expanded (stride-0) gradient."""
+    x = _make_x((2, 6, 3, 4, 3), torch.float32, "channels_last", device).requires_grad_()
+    w = torch.randn(6, 1, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    ops.dwconv3d(x, w, b, residual=True, backend="triton").sum().backward()
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ops.dwconv3d(x64, w64, b64, residual=True, backend="reference").sum().backward()
+    for name, a, e in (("dx", x.grad, x64.grad), ("dweight", w.grad, w64.grad), ("dbias", b.grad, b64.grad)):
+        assert_close(a, e, name=name)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_dwconv3d_triton_deterministic(dtype, device):
+    """Per-program float32 partials and a fixed-order sum: two runs agree bit for bit."""
+    shape = (3, 20, 3, 4, 5)
+    x = _make_x(shape, dtype, "channels_last", device)
+    w = torch.randn(20, 1, 3, 3, 3, device=device).to(dtype)
+    b = torch.randn(20, device=device).to(dtype)
+    gy = torch.randn(shape, device=device).to(dtype)
+    first = _run(x, w, b, True, "triton", gy)
+    second = _run(x, w, b, True, "triton", gy)
+    for name, a, c in zip(("y", "dx", "dweight", "dbias"), first, second):
+        assert torch.equal(a, c), f"{name} differs between two runs"
+
+
+def test_dwconv3d_triton_grads_only_where_asked(device, assert_close):
+    x = _make_x((1, 5, 2, 3, 3), torch.float32, "channels_last", device)
+    w = torch.randn(5, 1, 3, 3, 3, device=device)
+    b = torch.randn(5, device=device)
+    wg = w.clone().requires_grad_()
+    ops.dwconv3d(x, wg, b, backend="triton").sum().backward()
+    w64 = w.double().requires_grad_()
+    ops.dwconv3d(x.double(), w64, b.double(), backend="reference").sum().backward()
+    assert_close(wg.grad, w64.grad, name="dweight")
+    xg = x.clone().requires_grad_()
+    y = ops.dwconv3d(xg, w, b, backend="triton")
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+    y = ops.dwconv3d(x, w, b, backend="triton")  # no grad anywhere: no graph
+    assert not y.requires_grad
+
+
+def test_dwconv3d_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    import uniformer_fast.kernels as kernels
+    if not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    x, w = torch.randn(1, 2, 3, 3, 3), torch.randn(2, 1, 3, 3, 3)
+    with pytest.raises(BackendUnavailableError, match="dwconv3d: backend 'triton'.*TRITON_INTERPRET"):
+        ops.dwconv3d(x, w, backend="triton")
+    # "auto" never picks it for CPU tensors.
+    assert ops.dwconv3d(x, w).shape == x.shape
+
+
+def test_dwconv3d_triton_rejects_float64(device):
+    x, w = torch.randn(1, 2, 3, 3, 3, device=device, dtype=torch.float64), \
+        torch.randn(2, 1, 3, 3, 3, device=device, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="float16, bfloat16 or float32; got torch.float64"):
+        ops.dwconv3d(x, w, backend="triton")
+
+
+@pytest.mark.parametrize("x,w,b,err,match", [
+    (torch.randn(4, 3, 3, 3), torch.randn(4, 1, 3, 3, 3), None, ValueError, r"x must be 5-D"),
+    (torch.randn(1, 4, 3, 3, 3), torch.randn(4, 1, 3, 3), None, ValueError, r"weight must be 5-D"),
+    (torch.randn(1, 4, 3, 3, 3), torch.randn(4, 1, 3, 4, 3), None, ValueError, "odd kt, kh, kw"),
+    (torch.randn(1, 4, 3, 3, 3), torch.randn(4, 1, 9, 3, 3), None, ValueError, "<= 7"),
+    (torch.randn(1, 4, 3, 3, 3), torch.randn(5, 1, 3, 3, 3), None, ValueError, r"weight must have shape \(4, 1"),
+    (torch.randn(1, 4, 3, 3, 3), torch.randn(4, 1, 3, 3, 3), torch.randn(3), ValueError, r"bias must have shape \(4,\)"),
+    (torch.randn(1, 4, 3, 3, 3), torch.randn(4, 1, 3, 3, 3).half(), None, TypeError, "weight must have the dtype of x"),
+    (torch.randn(1, 4, 3, 3, 3), torch.randn(4, 1, 3, 3, 3), torch.randn(4).half(), TypeError, "bias must have the dtype"),
+])
+def test_dwconv3d_triton_bad_input(x, w, b, err, match):
+    with pytest.raises(err, match=match):
+        ops.dwconv3d(x, w, b, backend="triton")
+
+
+def test_launcher_requires_unit_channel_stride(device):
+    from uniformer_fast.kernels.dwconv3d import dwconv3d_bwd_dw, dwconv3d_fwd
+    x = torch.randn(1, 4, 2, 3, 3, device=device)  # contiguous: channel stride T*H*W
+    taps = torch.randn(27, 4, device=device)
+    with pytest.raises(ValueError, match="x must have unit channel stride"):
+        dwconv3d_fwd(x, taps, None, False, (3, 3, 3))
+    with pytest.raises(ValueError, match="dy must have unit channel stride"):
+        dwconv3d_bwd_dw(x.to(memory_format=CL), x, (3, 3, 3), True)
+
+
+def test_dwconv3d_triton_registered():
+    assert "triton" in ops.available_backends("dwconv3d")
+    assert dwconv3d_module.dwconv3d_triton.__doc__
+
+
+def test_dwconv3d_triton_shape_limits():
+    from uniformer_fast.kernels.dwconv3d import why_not_shape
+    assert why_not_shape((8, 64, 16, 56, 56)) is None
+    assert "T * H * W must be below 2**31" in why_not_shape((1, 1, 2 ** 11, 2 ** 10, 2 ** 10))
+    assert "at most 65535" in why_not_shape((65536, 1, 1, 1, 1))

@@ -1,0 +1,101 @@
+"""Ahead-of-time compile of every dwconv3d kernel at every config its launcher can choose, for
+sm_80 and sm_90, on the CPU (no GPU needed).
+
+Fails on a compile error or a register spill; prints registers and shared memory per kernel and
+checks that the channel loads became 16-byte vector loads (``LDG.E.128``) when the launcher's
+tensors are 16-byte aligned (channels a multiple of 8 for 16-bit data, 4 for float32).
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from uniformer_fast.kernels import dwconv3d as K  # noqa: E402
+
+PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+ARCHS = (80, 90)
+# The kernel sizes UniFormer uses (DPE 3x3x3, Local MHRA 5x5x5), the 2-D and 1-D temporal cases,
+# and the largest one allowed.
+KERNELS = ((3, 3, 3), (5, 5, 5), (1, 3, 3), (3, 1, 1), (7, 7, 7))
+# A channel count that selects each channel block (the launchers key their blocks on C).
+CHANNELS = [pytest.param(block_c, id=f"C{block_c}") for block_c in K.GPU_BLOCKS]
+
+
+@pytest.fixture
+def gpu_configs(monkeypatch):
+    """The launchers' GPU choices, also when the tests run under the interpreter."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+
+
+def _split(cfg):
+    cfg = dict(cfg)
+    return cfg, cfg.pop("num_warps")
+
+
+def _aligned(sig):
+    # torch allocations are 16-byte aligned; with C a multiple of 16 every stride and C itself
+    # are multiples of 16 elements, which Triton specialises on at run time.
+    return [k for k, v in sig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
+
+
+def _check(r, what):
+    print(f"{what}: regs {r['regs']} stack {r['stack']} local {r['local']} shared {r['shared']} "
+          f"LDG.E.128 {'LDG.E.128' in r['sass']}")
+    assert r["local"] == 0 and r["stack"] == 0, \
+        f"{what}: register spills ({r['regs']} regs, stack {r['stack']} B, local {r['local']} B)"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "x".join(map(str, k)))
+@pytest.mark.parametrize("dtype", list(PTR), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("C", CHANNELS)
+def test_forward_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_configs):
+    p = PTR[dtype]
+    sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, C="i32", T="i32", H="i32", W="i32",
+               stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
+    blocks, warps = _split(K.fwd_config(C, kernel))
+    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=True, RESIDUAL=True, **blocks)
+    r = compile_for_gpu(K.dwconv3d_fwd_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
+    _check(r, f"fwd {kernel} {dtype} {blocks} warps {warps} sm_{arch}")
+    assert "LDG.E.128" in r["sass"], "expected 16-byte loads along C"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "x".join(map(str, k)))
+@pytest.mark.parametrize("dtype", list(PTR), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("C", CHANNELS)
+def test_weight_grad_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_configs):
+    p = PTR[dtype]
+    sig = dict(x_ptr=p, dy_ptr=p, dw_partial_ptr="*fp32", db_partial_ptr="*fp32", C="i32",
+               T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
+               stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
+               stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
+    blocks, warps = _split(K.dw_config(C))
+    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=True, **blocks)
+    r = compile_for_gpu(K.dwconv3d_bwd_dw_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
+    _check(r, f"dw {kernel} {dtype} {blocks} warps {warps} sm_{arch}")
+    assert "LDG.E.128" in r["sass"], "expected 16-byte loads along C"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", ((3, 3, 3), (7, 7, 7)), ids=("3x3x3", "7x7x7"))
+def test_other_variants_compile(kernel, arch, compile_for_gpu, gpu_configs):
+    """The variants the backward launches: the input gradient (no bias, with and without the
+    residual) and the weight gradient without a bias."""
+    p = PTR[torch.bfloat16]
+    sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, C="i32", T="i32", H="i32", W="i32",
+               stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
+    blocks, warps = _split(K.fwd_config(64, kernel))
+    for residual in (False, True):
+        constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=False, RESIDUAL=residual,
+                          **blocks)
+        r = compile_for_gpu(K.dwconv3d_fwd_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
+        _check(r, f"dx {kernel} residual={residual} sm_{arch}")
+    sig = dict(x_ptr=p, dy_ptr=p, dw_partial_ptr="*fp32", db_partial_ptr="*fp32", C="i32",
+               T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
+               stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
+               stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
+    blocks, warps = _split(K.dw_config(64))
+    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=False, **blocks)
+    r = compile_for_gpu(K.dwconv3d_bwd_dw_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
+    _check(r, f"dw no bias {kernel} sm_{arch}")
