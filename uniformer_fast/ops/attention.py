@@ -53,3 +53,63 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = Non
     dropout_p = float(dropout_p)
     _, fn = _backend.resolve("attention", backend, qkv.device, qkv, num_heads, scale, dropout_p)
     return fn(qkv, num_heads, scale, dropout_p)
+
+
+# --- "sdpa": torch.nn.functional.scaled_dot_product_attention (CPU and CUDA) -------------------
+
+@_backend.register("attention", "sdpa")
+def attention_sdpa(qkv: torch.Tensor, num_heads: int, scale: float,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """The "sdpa" backend: PyTorch's fused attention (flash / memory-efficient / math, PyTorch's
+    choice) on (B, heads, N, head_dim) views of qkv; supports dropout. Returns (B, N, C)."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+# --- "triton": the fused kernels in kernels/attention.py ----------------------------------------
+
+def _triton_why_not(qkv, num_heads, scale, dropout_p):
+    from ..kernels import why_not_triton
+    reason = why_not_triton(qkv)
+    if reason is not None:
+        return reason
+    from ..kernels.attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return (f"head_dim = qkv.shape[-1] // (3 * num_heads) must be one of "
+                f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}; got {head_dim}")
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        return f"qkv must be float16, bfloat16 or float32; got {qkv.dtype}"
+    if dropout_p > 0.0:
+        return (f"dropout on the attention probabilities is not supported (dropout_p={dropout_p}); "
+                "use backend='sdpa' or 'reference', or dropout_p=0")
+    return None
+
+
+class _AttentionTriton(torch.autograd.Function):
+    """Fused attention; saves qkv, the output and the (B, heads, N) float32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, scale):
+        from ..kernels.attention import attention_fwd
+        out, lse = attention_fwd(qkv, num_heads, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ..kernels.attention import attention_bwd
+        qkv, out, lse = ctx.saved_tensors
+        return attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
+
+
+@_backend.register("attention", "triton", why_not=_triton_why_not)
+def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """The "triton" backend: qkv (B, N, 3 * C) read in place through its strides (feature stride 1,
+    else copied once); head_dim 28, 32 or 64; float16, bfloat16 or float32 (matmul precision: see
+    kernels/attention.py); no dropout. Returns (B, N, C) contiguous."""
+    return _AttentionTriton.apply(qkv, num_heads, scale)

@@ -1,0 +1,265 @@
+"""Attention backends ("triton" fused kernels, "sdpa") against a float64 reference.
+
+On the CPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set in conftest.py);
+with UNIFORMER_FAST_TEST_DEVICE=cuda the compiled kernels run. Shapes are small: the interpreter
+costs ~0.1 ms per op per program.
+"""
+import copy
+
+import pytest
+import torch
+
+from uniformer_fast import ops
+from uniformer_fast.kernels import HAS_TRITON
+from uniformer_fast.ops import BackendUnavailableError
+from uniformer_fast.ops import backend as registry
+from uniformer_fast.ops.reference import attention_reference
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rtol_for(dtype):
+    if dtype == torch.float32:
+        from uniformer_fast.kernels.attention import fp32_input_precision
+        return 1e-5 if fp32_input_precision() == "ieee" else 2e-3
+    return {torch.bfloat16: 2.5e-2, torch.float16: 5e-3}[dtype]
+
+
+def reference_fwd_bwd(qkv, num_heads, scale, dout):
+    """Output and dqkv in float64 from the same (rounded) inputs."""
+    x = qkv.detach().double().requires_grad_()
+    out = attention_reference(x, num_heads, scale)
+    out.backward(dout.double())
+    return out.detach(), x.grad
+
+
+# (B, N, heads, head_dim): N = 1; prime N; N just over the interpreter's blocks (32 rows, 16 keys)
+# for every loop of both kernels; several heads; head_dim 28 (padded to 32), 32, 64.
+SHAPES = [(1, 1, 1, 32), (2, 37, 2, 28), (1, 33, 3, 64), (2, 17, 2, 32)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,N,heads,head_dim", SHAPES)
+def test_triton_kernels_match_reference(B, N, heads, head_dim, dtype, device, assert_close, empty):
+    from uniformer_fast.kernels.attention import attention_bwd, attention_fwd
+    C = heads * head_dim
+    qkv = torch.randn(B, N, 3 * C, device=device).to(dtype)
+    dout = torch.randn(B, N, C, device=device).to(dtype)
+    scale = head_dim ** -0.5
+    # NaN-filled outputs: an element a kernel fails to write fails the comparison.
+    out, lse = attention_fwd(qkv, heads, scale, out=empty(B, N, C, dtype=dtype, device=device),
+                             lse=empty(B, heads, N, dtype=torch.float32, device=device))
+    dqkv = attention_bwd(dout, qkv, out, lse, heads, scale,
+                         dqkv=empty(B, N, 3 * C, dtype=dtype, device=device))
+    ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, scale, dout)
+    rtol = rtol_for(dtype)
+    assert out.dtype == dtype and dqkv.dtype == dtype
+    assert_close(out, ref_out, rtol=rtol, name="out")
+    assert_close(dqkv, ref_dqkv, rtol=rtol, name="dqkv")
+    if N > 1:  # with one key, dq and dk are exactly 0 and only rounding remains
+        for i, name in enumerate(("dq", "dk", "dv")):
+            assert_close(dqkv[..., i * C:(i + 1) * C], ref_dqkv[..., i * C:(i + 1) * C], rtol=rtol,
+                         name=name)
+    # lse is log2 of the softmax denominator of the scaled logits
+    q, k = qkv.double().view(B, N, 3, heads, head_dim).unbind(2)[:2]
+    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    assert_close(lse, torch.logsumexp(logits, -1) / torch.log(torch.tensor(2.0, dtype=torch.float64)),
+                 rtol=1e-5 if dtype == torch.float32 else 1e-2, name="lse")
+
+
+@needs_triton
+@pytest.mark.parametrize("kind,dtype", [("16bit", torch.bfloat16), ("tf32", torch.float32),
+                                        ("ieee", torch.float32)])
+def test_triton_gpu_block_sizes_match_reference(kind, dtype, device, assert_close):
+    """The GPU configs' block shapes, run here too: N = 130 crosses every 128-row block edge."""
+    from uniformer_fast.kernels.attention import (BWD_CONFIGS, FWD_CONFIGS, attention_bwd,
+                                                  attention_fwd)
+    B, N, heads, head_dim = 1, 130, 1, 64
+    qkv = torch.randn(B, N, 3 * heads * head_dim, device=device).to(dtype)
+    dout = torch.randn(B, N, heads * head_dim, device=device).to(dtype)
+    scale = head_dim ** -0.5
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if kind == "tf32" else "highest")
+    try:
+        out, lse = attention_fwd(qkv, heads, scale, config=FWD_CONFIGS[kind, "long"])
+        dqkv = attention_bwd(dout, qkv, out, lse, heads, scale, config=BWD_CONFIGS[kind, "long"])
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, scale, dout)
+    # Under the interpreter tf32 is exact float32; on a GPU the tf32 config needs tf32's tolerance.
+    rtol = 2e-3 if kind == "tf32" and device.type == "cuda" else rtol_for(dtype)
+    assert_close(out, ref_out, rtol=rtol, name="out")
+    assert_close(dqkv, ref_dqkv, rtol=rtol, name="dqkv")
+
+
+@needs_triton
+def test_float32_matmul_precision_follows_torch_setting():
+    from uniformer_fast.kernels.attention import dot_precision, fp32_input_precision
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert fp32_input_precision() == "ieee" and dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert fp32_input_precision() == "tf32" and dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == "ieee"  # ignored by 16-bit dots; one compile
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+@needs_triton
+def test_triton_masked_keys_with_very_negative_logits(device, assert_close):
+    """All logits near -400: exp(s - lse) of a zero-filled tail key would overflow to inf (and
+    inf * 0 = NaN) unless the tail keys are masked in the backward too."""
+    B, N, heads, head_dim = 1, 17, 1, 32
+    u = torch.nn.functional.normalize(torch.randn(head_dim), dim=0) * 20
+    q = u.expand(N, head_dim) + 0.1 * torch.randn(N, head_dim)
+    k = -u.expand(N, head_dim) + 0.1 * torch.randn(N, head_dim)
+    v = torch.randn(N, head_dim)
+    qkv = torch.cat([q, k, v], -1)[None].to(device).requires_grad_()
+    out = ops.attention(qkv, heads, scale=1.0, backend="triton")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, 1.0, dout)
+    # 1e-4: float32 logits of size 400 carry ~3e-5 absolute rounding into the exponent.
+    assert_close(out, ref_out, rtol=1e-4, name="out")
+    assert_close(qkv.grad, ref_dqkv, rtol=1e-4, name="dqkv")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_public_op_autograd_matches_reference(backend, dtype, device, assert_close):
+    B, N, heads, head_dim = 2, 19, 2, 32
+    qkv = torch.randn(B, N, 3 * heads * head_dim, device=device).to(dtype).requires_grad_()
+    out = ops.attention(qkv, heads, scale=0.2, backend=backend)
+    out.sum().backward()  # a stride-0 gradient reaches the backward
+    ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, 0.2, torch.ones_like(out))
+    rtol = rtol_for(dtype) if backend == "triton" else {torch.float32: 1e-5, torch.bfloat16: 2.5e-2}[dtype]
+    assert out.shape == (B, N, heads * head_dim) and out.dtype == dtype
+    assert_close(out, ref_out, rtol=rtol, name="out")
+    assert_close(qkv.grad, ref_dqkv, rtol=rtol, name="dqkv")
+
+
+@pytest.mark.parametrize("B,N,heads,head_dim", [(1, 1, 1, 8), (2, 37, 3, 28), (1, 33, 2, 64)])
+def test_sdpa_matches_reference_float64(B, N, heads, head_dim, assert_close):
+    qkv = torch.randn(B, N, 3 * heads * head_dim, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(B, N, heads * head_dim, dtype=torch.float64)
+    out = ops.attention(qkv, heads, backend="sdpa")
+    out.backward(dout)
+    ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, head_dim ** -0.5, dout)
+    assert_close(out, ref_out)
+    assert_close(qkv.grad, ref_dqkv)
+
+
+def test_sdpa_dropout_runs_and_drops():
+    qkv = torch.randn(2, 16, 3 * 2 * 32)
+    plain = ops.attention(qkv, 2, backend="sdpa")
+    dropped = ops.attention(qkv, 2, dropout_p=0.5, backend="sdpa")
+    assert dropped.shape == plain.shape and torch.isfinite(dropped).all()
+    assert not torch.allclose(dropped, plain)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "sdpa"])
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+def test_strided_qkv(backend, layout, device, assert_close):
+    """A slice of a larger buffer is read in place; a feature-strided view is copied first."""
+    B, N, heads, head_dim = 2, 21, 2, 32
+    C3 = 3 * heads * head_dim
+    if layout == "sliced":
+        base = torch.randn(B, 2 * N, C3 + 16, device=device, requires_grad=True)
+        qkv = base[:, 1::2, 8:8 + C3]
+    else:
+        base = torch.randn(B, C3, N, device=device, requires_grad=True)
+        qkv = base.transpose(1, 2)
+    assert not qkv.is_contiguous()
+    dout = torch.randn(B, N, C3 // 3, device=device)
+    out = ops.attention(qkv, heads, backend=backend)
+    out.backward(dout)
+    ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, head_dim ** -0.5, dout)
+    assert_close(out, ref_out, rtol=rtol_for(torch.float32))
+    grad = base.grad[:, 1::2, 8:8 + C3] if layout == "sliced" else base.grad.transpose(1, 2)
+    assert_close(grad, ref_dqkv, rtol=rtol_for(torch.float32))
+    if layout == "sliced":  # the rest of the buffer gets no gradient
+        assert base.grad[:, 0::2].abs().sum() == 0 and base.grad[..., :8].abs().sum() == 0
+
+
+@pytest.mark.parametrize("shape,dtype,heads,kw,err,match", [
+    ((2, 3 * 32), torch.float32, 1, {}, ValueError,
+     r"qkv must be 3-D of shape \(B, N, 3 \* num_heads \* head_dim\)"),
+    ((1, 2, 4, 96), torch.float32, 1, {}, ValueError, "qkv must be 3-D"),
+    ((1, 4, 96), torch.float32, 5, {}, ValueError, r"divisible by 3 \* num_heads = 15"),
+    ((1, 4, 100), torch.float32, 2, {}, ValueError, r"divisible by 3 \* num_heads = 6"),
+    ((1, 4, 96), torch.int64, 1, {}, TypeError, "qkv must be float"),
+    ((1, 4, 3 * 48), torch.float32, 1, {"backend": "triton"}, BackendUnavailableError,
+     r"head_dim = qkv.shape\[-1\] // \(3 \* num_heads\) must be one of 28, 32, 64; got 48"),
+    ((1, 4, 3 * 2 * 16), torch.float32, 2, {"backend": "triton"}, BackendUnavailableError, "got 16"),
+    ((1, 4, 96), torch.float64, 1, {"backend": "triton"}, BackendUnavailableError,
+     "qkv must be float16, bfloat16 or float32; got torch.float64"),
+    ((1, 4, 96), torch.float32, 1, {"backend": "triton", "dropout_p": 0.1}, BackendUnavailableError,
+     r"backend 'triton' cannot run this call: dropout .* not supported"),
+])
+@needs_triton
+def test_attention_bad_input(shape, dtype, heads, kw, err, match, device):
+    qkv = torch.ones(shape, dtype=dtype, device=device)
+    with pytest.raises(err, match=match):
+        ops.attention(qkv, heads, **kw)
+
+
+@needs_triton
+def test_triton_rejects_other_devices():
+    qkv = torch.randn(1, 4, 96, device="meta")
+    with pytest.raises(BackendUnavailableError, match="need CUDA tensors; got a tensor on meta"):
+        registry.resolve("attention", "triton", qkv.device, qkv, 1, 0.2, 0.0)
+
+
+@needs_triton
+def test_auto_prefers_triton_on_cuda_and_takes_sdpa_for_dropout(device):
+    qkv = torch.randn(1, 4, 96, device=device)
+    cuda = torch.device("cuda")  # only the preference order is taken from the device
+    assert registry.resolve("attention", "auto", cuda, qkv, 1, 0.2, 0.0)[0] == "triton"
+    assert registry.resolve("attention", "auto", cuda, qkv, 1, 0.2, 0.1)[0] == "sdpa"
+    assert registry.resolve("attention", "auto", cuda, qkv.double(), 1, 0.2, 0.0)[0] == "sdpa"
+    cpu = qkv.cpu()
+    assert registry.resolve("attention", "auto", cpu.device, cpu, 1, 0.2, 0.0)[0] == "sdpa"
+
+
+# ---- the model's blocks on each backend ----------------------------------------------------------
+
+def _block_grads(block, x, backend):
+    x = x.detach().clone().requires_grad_()
+    with ops.use_backend(backend, op="attention"):
+        y = block(x)
+    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device)).view_as(y))
+    grads = {name: p.grad for name, p in block.named_parameters() if "attn" in name}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "sdpa"])
+@pytest.mark.parametrize("block_cls", ["SABlock", "SplitSABlock"])
+def test_blocks_match_reference(block_cls, backend, device, assert_close):
+    from uniformer_fast import model
+    dim, heads = 64, 2  # head_dim 32
+    block = getattr(model, block_cls)(dim, heads).to(device).train()
+    x = torch.randn(2, dim, 3, 3, 2, device=device).contiguous(memory_format=torch.channels_last_3d)
+    ref_block = copy.deepcopy(block).double()
+    y, dx, grads = _block_grads(block, x, backend)
+    ref_y, ref_dx, ref_grads = _block_grads(ref_block, x.double(), "reference")
+    assert_close(y, ref_y, rtol=1e-5, name="y")
+    assert_close(dx, ref_dx, rtol=1e-5, name="dx")
+    assert set(grads) == set(ref_grads) and grads
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], rtol=1e-5, name=f"grad {name}")
+
+
+@needs_triton
+def test_block_with_attention_dropout_rejects_triton_by_name(device):
+    from uniformer_fast import model
+    block = model.SABlock(64, 2, attn_drop=0.1).to(device).train()
+    x = torch.randn(1, 64, 2, 2, 2, device=device).contiguous(memory_format=torch.channels_last_3d)
+    with ops.use_backend("triton", op="attention"), pytest.raises(BackendUnavailableError, match="dropout"):
+        block(x)
+    block.eval()  # no dropout in eval mode: the fused kernel runs
+    with ops.use_backend("triton", op="attention"):
+        assert torch.isfinite(block(x)).all()
