@@ -1,7 +1,6 @@
 import pickle
 import sys
 import types
-import warnings
 
 import pytest
 import torch
