@@ -1,4 +1,6 @@
 """The model with the PyTorch ecosystem: autocast, activation checkpointing, torch.export."""
+import importlib
+
 import pytest
 import torch
 
@@ -67,3 +69,21 @@ def test_export_reference_path(assert_close):
     assert_close(got, expected, rtol=1e-5)
     x2 = torch.randn(1, 3, 4, 64, 64)
     assert_close(exported.module()(x2), model(x2).detach(), rtol=1e-5)
+
+
+def test_export_fused_path_keeps_custom_ops(assert_close):
+    """With the fused backends the exported graph calls the registered uniformer_fast ops (loading
+    it needs uniformer_fast imported); under use_backend("reference") it is plain aten."""
+    torch.manual_seed(0)
+    model = uf.UniFormer(depth=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), head_dim=32, num_classes=5).eval()
+    x = torch.randn(1, 3, 4, 64, 64)
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    from uniformer_fast.ops import available_backends
+    if "cpp" in available_backends("dwconv3d") and importlib.import_module("uniformer_fast.ops.dwconv3d")._cpp:
+        assert any("uniformer_fast.dwconv3d_cpp_fwd" in t for t in targets)
+    with torch.no_grad():
+        assert_close(exported.module()(x), model(x), rtol=1e-5)
+    with ops.use_backend("reference"):
+        plain = torch.export.export(model, (x,))
+    assert not any("uniformer_fast" in str(n.target) for n in plain.graph.nodes)

@@ -88,22 +88,49 @@ def _triton_why_not(qkv, num_heads, scale, dropout_p):
     return None
 
 
+# One opaque op per kernel direction, each with a fake (shapes only) so torch.compile traces
+# through them without a graph break; _AttentionTriton strings them together for autograd.
+
+@torch.library.custom_op("uniformer_fast::attention_triton_fwd", mutates_args=())
+def attention_triton_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, N, 3C) -> out (B, N, C) in qkv's dtype, lse (B, heads, N) float32."""
+    from ..kernels.attention import attention_fwd
+    return attention_fwd(qkv, num_heads, scale)
+
+
+@attention_triton_fwd.register_fake
+def _(qkv, num_heads, scale):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("uniformer_fast::attention_triton_bwd", mutates_args=())
+def attention_triton_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         num_heads: int, scale: float) -> torch.Tensor:
+    """The gradient of the packed qkv, (B, N, 3C) in qkv's dtype."""
+    from ..kernels.attention import attention_bwd
+    return attention_bwd(dout, qkv, out, lse, num_heads, scale)
+
+
+@attention_triton_bwd.register_fake
+def _(dout, qkv, out, lse, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
 class _AttentionTriton(torch.autograd.Function):
     """Fused attention; saves qkv, the output and the (B, heads, N) float32 log-sum-exp."""
 
     @staticmethod
     def forward(ctx, qkv, num_heads, scale):
-        from ..kernels.attention import attention_fwd
-        out, lse = attention_fwd(qkv, num_heads, scale)
+        out, lse = attention_triton_fwd(qkv, num_heads, scale)
         ctx.save_for_backward(qkv, out, lse)
         ctx.num_heads, ctx.scale = num_heads, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from ..kernels.attention import attention_bwd
         qkv, out, lse = ctx.saved_tensors
-        return attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
+        return attention_triton_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
 
 
 @_backend.register("attention", "triton", why_not=_triton_why_not)

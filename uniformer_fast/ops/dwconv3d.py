@@ -93,19 +93,53 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last_3d)
 
 
-def _cpp_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
-              flip: bool = False) -> torch.Tensor:
+def _empty_channels_last(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An uninitialised (B, C, T, H, W) tensor like x in dense channels_last_3d memory."""
+    B, C, T, H, W = x.shape
+    return x.new_empty((B, T, H, W, C), dtype=dtype or x.dtype).permute(0, 4, 1, 2, 3)
+
+
+# One opaque op per kernel direction, each with a fake (shapes only) so torch.compile traces
+# through them without a graph break; the autograd.Functions string them together.
+
+@torch.library.custom_op("uniformer_fast::dwconv3d_cpp_fwd", mutates_args=())
+def dwconv3d_cpp_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
+                     flip: bool) -> torch.Tensor:
     """x (B, C, T, H, W) with unit channel stride -> (B, C, T, H, W) in channels_last_3d memory.
     weight (C, 1, kt, kh, kw) and bias (C,) are read through their strides (point-reflected weight
     if ``flip``), so no weight copies are made here."""
     B, C, T, H, W = x.shape
-    y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device).permute(0, 4, 1, 2, 3)
+    y = _empty_channels_last(x)
     sb, _, st, sh, sw = x.stride()
     wc, _, wt, wh, ww = weight.stride()
     _cpp.dwconv3d_fwd(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                       B, C, T, H, W, *weight.shape[2:], sb, st, sh, sw, wc, wt, wh, ww,
                       1 if bias is None else bias.stride(0), flip, residual, torch.get_num_threads())
     return y
+
+
+@dwconv3d_cpp_fwd.register_fake
+def _(x, weight, bias, residual, flip):
+    return _empty_channels_last(x)
+
+
+@torch.library.custom_op("uniformer_fast::dwconv3d_cpp_bwd_weight", mutates_args=())
+def dwconv3d_cpp_bwd_weight(x: torch.Tensor, grad_y: torch.Tensor,
+                            kernel_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dweight (C, 1, kt, kh, kw), dbias (C,)) in x's dtype; x with unit channel stride, grad_y
+    dense channels_last_3d. Reduced in a fixed order: the same bits for any thread count."""
+    B, C, T, H, W = x.shape
+    dw = x.new_empty((C, 1, *kernel_size))
+    db = x.new_empty(C)
+    sb, _, st, sh, sw = x.stride()
+    _cpp.dwconv3d_bwd_weight(x.data_ptr(), grad_y.data_ptr(), dw.data_ptr(), db.data_ptr(),
+                             B, C, T, H, W, *kernel_size, sb, st, sh, sw, torch.get_num_threads())
+    return dw, db
+
+
+@dwconv3d_cpp_bwd_weight.register_fake
+def _(x, grad_y, kernel_size):
+    return x.new_empty((x.shape[1], 1, *kernel_size)), x.new_empty(x.shape[1])
 
 
 class _DWConv3dCpp(torch.autograd.Function):
@@ -116,7 +150,7 @@ class _DWConv3dCpp(torch.autograd.Function):
         x = _channels_last(x)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.residual = bias is not None, residual
-        return _cpp_conv(x, weight.detach(), None if bias is None else bias.detach(), residual)
+        return dwconv3d_cpp_fwd(x, weight.detach(), None if bias is None else bias.detach(), residual, False)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -124,17 +158,12 @@ class _DWConv3dCpp(torch.autograd.Function):
         gy = grad_y.contiguous(memory_format=torch.channels_last_3d)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # dx = conv(gy, reflected weight) (+ gy)
-            grad_x = _cpp_conv(gy, weight, None, ctx.residual, flip=True)
+            grad_x = dwconv3d_cpp_fwd(gy, weight, None, ctx.residual, True)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
-            B, C, T, H, W = x.shape
-            dw = torch.empty(weight.shape, dtype=x.dtype)
-            db = torch.empty(C, dtype=x.dtype) if want_b else None
-            sb, _, st, sh, sw = x.stride()
-            _cpp.dwconv3d_bwd_weight(x.data_ptr(), gy.data_ptr(), dw.data_ptr(), 0 if db is None else db.data_ptr(),
-                                     B, C, T, H, W, *weight.shape[2:], sb, st, sh, sw, torch.get_num_threads())
+            dw, db = dwconv3d_cpp_bwd_weight(x, gy, list(weight.shape[2:]))
             grad_w = dw if ctx.needs_input_grad[1] else None
-            grad_b = db
+            grad_b = db if want_b else None
         return grad_x, grad_w, grad_b, None
 
 
@@ -144,7 +173,7 @@ def dwconv3d_cpp(x, weight, bias=None, residual=False):
     its channel stride is 1, else converted once); returns (B, C, T, H, W) channels_last_3d."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _DWConv3dCpp.apply(x, weight, bias, residual)
-    return _cpp_conv(_channels_last(x), weight, bias, residual)  # inference: skip autograd's bookkeeping
+    return dwconv3d_cpp_fwd(_channels_last(x), weight, bias, residual, False)  # inference: no autograd bookkeeping
 
 
 # --- "triton": the fused kernels in kernels/dwconv3d.py -------------------------------------------
@@ -169,36 +198,63 @@ def _weight_taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
     return w.reshape(w.shape[0], -1).t().contiguous()
 
 
+@torch.library.custom_op("uniformer_fast::dwconv3d_triton_fwd", mutates_args=())
+def dwconv3d_triton_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
+                        kernel_size: list[int]) -> torch.Tensor:
+    """x (B, C, T, H, W) with unit channel stride, weight_taps (kt*kh*kw, C) -> (B, C, T, H, W) in
+    dense channels_last_3d memory."""
+    from ..kernels.dwconv3d import dwconv3d_fwd
+    return dwconv3d_fwd(x, weight_taps, bias, residual, tuple(kernel_size))
+
+
+@dwconv3d_triton_fwd.register_fake
+def _(x, weight_taps, bias, residual, kernel_size):
+    return _empty_channels_last(x)
+
+
+@torch.library.custom_op("uniformer_fast::dwconv3d_triton_bwd_dw", mutates_args=())
+def dwconv3d_triton_bwd_dw(x: torch.Tensor, grad_y: torch.Tensor,
+                           kernel_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dweight taps (kt*kh*kw, C), dbias (C,)), float32, deterministic."""
+    from ..kernels.dwconv3d import dwconv3d_bwd_dw
+    return dwconv3d_bwd_dw(x, grad_y, tuple(kernel_size), with_bias=True)
+
+
+@dwconv3d_triton_bwd_dw.register_fake
+def _(x, grad_y, kernel_size):
+    C = x.shape[1]
+    taps = kernel_size[0] * kernel_size[1] * kernel_size[2]
+    return x.new_empty((taps, C), dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
+
+
 class _DWConv3dTriton(torch.autograd.Function):
     """dwconv3d on the Triton kernels. Activations and gradients are (B, C, T, H, W) with unit
     channel stride; outputs and input gradients come in dense ``channels_last_3d`` memory."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual):
-        from ..kernels.dwconv3d import dwconv3d_fwd
         x = _channels_last(x)
         b = None if bias is None else bias.detach().contiguous()
-        kernel = tuple(weight.shape[2:])
-        y = dwconv3d_fwd(x, _weight_taps(weight), b, residual, kernel)
+        kernel = list(weight.shape[2:])
+        y = dwconv3d_triton_fwd(x, _weight_taps(weight), b, residual, kernel)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.residual = bias is not None, residual
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        from ..kernels.dwconv3d import dwconv3d_bwd_dw, dwconv3d_fwd
         x, weight = ctx.saved_tensors
         # Any B/T/H/W strides are read in place; a gradient without unit channel stride (e.g. the
         # stride-0 one of y.sum().backward()) is made channels-last once.
         gy = _channels_last(grad_y)
-        kernel = tuple(weight.shape[2:])
+        kernel = list(weight.shape[2:])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # dx = conv(dy, point-reflected kernel) (+ dy for the residual), the forward kernel.
-            grad_x = dwconv3d_fwd(gy, _weight_taps(weight, flip=True), None, ctx.residual, kernel)
+            grad_x = dwconv3d_triton_fwd(gy, _weight_taps(weight, flip=True), None, ctx.residual, kernel)
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or want_b:
-            dw_taps, db = dwconv3d_bwd_dw(x, gy, kernel, with_bias=want_b)
+            dw_taps, db = dwconv3d_triton_bwd_dw(x, gy, kernel)
             if ctx.needs_input_grad[1]:
                 grad_w = dw_taps.t().reshape(weight.shape).to(weight.dtype)
             if want_b:
