@@ -118,3 +118,14 @@ def test_compile_recompiles_when_the_backend_changes():
         assert (len(calls) == n) == (dwconv_mod._cpp is not None)
     finally:
         ops.backend._OPS["dwconv3d"].impls["reference"] = ops.backend._Impl(real, lambda *a: None)
+
+
+def test_compile_fullgraph_cpu_inference(assert_close):
+    """Inference graph on the CPU: cpp depthwise conv, sdpa and oneDNN linear + GELU, no break."""
+    torch.manual_seed(0)
+    model = uf.UniFormer(**TINY).eval()
+    x = torch.randn(2, 3, 4, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert_close(got, expected, rtol=1e-5)

@@ -87,3 +87,20 @@ def test_export_fused_path_keeps_custom_ops(assert_close):
     with ops.use_backend("reference"):
         plain = torch.export.export(model, (x,))
     assert not any("uniformer_fast" in str(n.target) for n in plain.graph.nodes)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_cpu_fast_path_matches_official_in_float32(split, assert_close):
+    """Inference on what "auto" runs on the CPU (C++ depthwise conv, sdpa, oneDNN linear + GELU)
+    against the official computation, same weights, float32."""
+    from uniformer_fast.official import OfficialUniFormer
+    torch.manual_seed(0)
+    cfg = dict(depth=(1, 1, 2, 1), embed_dim=(32, 32, 64, 64), head_dim=32, num_classes=5, split=split)
+    model = uf.UniFormer(**cfg).eval()
+    official = OfficialUniFormer(**cfg).eval()
+    official.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 4, 64, 64)
+    with torch.no_grad():
+        assert_close(model(x), official(x), rtol=1e-5)
+        model.fuse_for_inference()
+        assert_close(model(x), official(x), rtol=1e-5)

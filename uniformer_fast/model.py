@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import ops
@@ -53,9 +52,10 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-def _pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1x1 Conv3d as a matmul over channels on the channels-last view; keeps the layout."""
-    y = F.linear(x.permute(0, 2, 3, 4, 1), conv.weight.flatten(1), conv.bias)
+def _pointwise(conv: nn.Conv3d, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
+    """A 1x1x1 Conv3d (then ``activation``) as a matmul over channels on the channels-last view;
+    keeps the layout."""
+    y = ops.linear(x.permute(0, 2, 3, 4, 1), conv.weight.flatten(1), conv.bias, activation=activation)
     return y.permute(0, 4, 1, 2, 3)
 
 
@@ -70,7 +70,7 @@ class CMlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        x = self.drop(self.act(_pointwise(self.fc1, x)))
+        x = self.drop(_pointwise(self.fc1, x, activation="gelu"))  # self.act fused into fc1
         return self.drop(_pointwise(self.fc2, x))
 
 
@@ -85,7 +85,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.drop(ops.linear(x, self.fc1.weight, self.fc1.bias, activation="gelu"))  # self.act fused
+        return self.drop(ops.linear(x, self.fc2.weight, self.fc2.bias))
 
 
 class Attention(nn.Module):
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
-        qkv = self.qkv(x)
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.fp32 and torch.is_autocast_enabled(qkv.device.type):
             # Under autocast, logits and probabilities stay float32 (the official light models
@@ -112,7 +113,7 @@ class Attention(nn.Module):
                 x = ops.attention(qkv.float(), self.num_heads, scale=self.scale, dropout_p=dropout_p)
         else:
             x = ops.attention(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(ops.linear(x, self.proj.weight, self.proj.bias))
 
 
 def _dpe(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,11 @@ from .attention import attention
 from .backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
                       set_backend, use_backend)
 from .dwconv3d import dwconv3d
-from .reference import attention_reference, dwconv3d_reference
+from .linear import linear
+from .reference import attention_reference, dwconv3d_reference, linear_reference
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "attention", "attention_reference", "available_backends",
-    "dwconv3d", "dwconv3d_reference", "get_backend", "set_backend", "use_backend",
+    "dwconv3d", "dwconv3d_reference", "get_backend", "linear", "linear_reference", "set_backend",
+    "use_backend",
 ]

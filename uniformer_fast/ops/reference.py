@@ -38,3 +38,10 @@ def attention_reference(qkv: torch.Tensor, num_heads: int, scale: float,
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p, training=True)
     return (attn @ v).transpose(1, 2).reshape(B, N, C)
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     activation: Optional[str] = None) -> torch.Tensor:
+    """``F.linear`` then, if ``activation == "gelu"``, the exact (erf) GELU. x: (..., in)."""
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y

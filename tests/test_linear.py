@@ -1,0 +1,82 @@
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uniformer_fast import ops
+from uniformer_fast.ops import BackendUnavailableError
+
+linear_mod = importlib.import_module("uniformer_fast.ops.linear")
+needs_onednn = pytest.mark.skipif(linear_mod._ONEDNN_LINEAR is None, reason="no oneDNN linear in this torch")
+
+
+def reference64(x, w, b, activation):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return F.gelu(y) if activation == "gelu" else y
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(7, 64), (2, 3, 5, 4, 64), (1, 1, 32)])
+@pytest.mark.parametrize("out_features", [256, 17])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpp_matches_reference(shape, out_features, activation, with_bias, assert_close):
+    x = torch.randn(shape)
+    w, b = torch.randn(out_features, shape[-1]), torch.randn(out_features) if with_bias else None
+    with torch.no_grad():
+        y = ops.linear(x, w, b, activation=activation, backend="cpp")
+    assert y.shape == shape[:-1] + (out_features,)
+    assert_close(y, reference64(x, w, b, activation))
+
+
+@needs_onednn
+def test_cpp_reads_channels_last_views(assert_close):
+    # The model's 1x1x1 convs: the (B, T, H, W, C) view of a channels_last_3d tensor, and a slice.
+    x = torch.randn(2, 16, 3, 4, 5).to(memory_format=torch.channels_last_3d).permute(0, 2, 3, 4, 1)
+    w, b = torch.randn(8, 16), torch.randn(8)
+    with torch.no_grad():
+        assert_close(ops.linear(x, w, b, backend="cpp"), reference64(x, w, b, None))
+        assert_close(ops.linear(x[:, 1:, :, ::2], w, b, backend="cpp"), reference64(x[:, 1:, :, ::2], w, b, None))
+
+
+@needs_onednn
+def test_auto_uses_cpp_for_inference_and_reference_for_training(assert_close):
+    x, w, b = torch.randn(5, 8), torch.randn(4, 8, requires_grad=True), torch.randn(4, requires_grad=True)
+    registry = ops.backend
+    with torch.no_grad():
+        assert registry.resolve("linear", "auto", x.device, x, w, b, "gelu")[0] == "cpp"
+    assert registry.resolve("linear", "auto", x.device, x, w, b, "gelu")[0] == "reference"
+    y = ops.linear(x, w, b, activation="gelu")  # training: differentiable
+    y.sum().backward()
+    w64 = w.detach().double().requires_grad_()
+    reference64(x, w64, b.detach(), "gelu").sum().backward()
+    assert_close(w.grad, w64.grad)
+    with pytest.raises(BackendUnavailableError, match="inference only"):
+        ops.linear(x, w, b, backend="cpp")
+    with pytest.raises(BackendUnavailableError, match="float32 only"), torch.no_grad():
+        ops.linear(x.double(), w.double(), backend="cpp")
+
+
+def test_reference_and_autocast(assert_close):
+    x, w, b = torch.randn(3, 5, 8), torch.randn(4, 8), torch.randn(4)
+    assert_close(ops.linear(x.double(), w.double(), b.double(), activation="gelu", backend="reference"),
+                 reference64(x, w, b, "gelu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.linear(x, w, b)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, reference64(x, w, b, None), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("args,kwargs,err,match", [
+    ((torch.randn(3, 8), torch.randn(4, 7)), {}, ValueError, "in_features 7"),
+    ((torch.randn(3, 8), torch.randn(4, 8, 1)), {}, ValueError, r"weight must be 2-D .*\(out_features, in_features\)"),
+    ((torch.randn(3, 8), torch.randn(4, 8), torch.randn(5)), {}, ValueError, r"bias must have shape \(4,\)"),
+    ((torch.randn(3, 8), torch.randn(4, 8).double()), {}, TypeError, "weight must have the dtype of x"),
+    ((torch.ones(3, 8, dtype=torch.int64), torch.randn(4, 8)), {}, TypeError, "x must be float"),
+    (([1.0], torch.randn(4, 8)), {}, TypeError, "x must be a torch.Tensor"),
+    ((torch.randn(3, 8), torch.randn(4, 8)), {"activation": "relu"}, ValueError, "activation must be None or 'gelu'"),
+])
+def test_bad_input(args, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        ops.linear(*args, **kwargs)
