@@ -100,18 +100,29 @@ def test_unknown_backend_names_are_rejected(bad):
 def test_backend_asked_by_name_never_falls_back():
     x, w = torch.randn(1, 2, 3, 3, 3), torch.randn(2, 1, 3, 3, 3)
     qkv = torch.randn(1, 4, 12)
-    for backend in ops.BACKENDS:
-        if backend in ("auto",) or backend in ops.available_backends("dwconv3d"):
-            continue
-        with pytest.raises(BackendUnavailableError, match=f"dwconv3d: backend '{backend}'"):
-            ops.dwconv3d(x, w, backend=backend)
-        with ops.use_backend(backend), pytest.raises(BackendUnavailableError, match=backend):
-            ops.dwconv3d(x, w)
-    for backend in ops.BACKENDS:
-        if backend in ("auto",) or backend in ops.available_backends("attention"):
-            continue
-        with pytest.raises(BackendUnavailableError, match=f"attention: backend '{backend}'"):
-            ops.attention(qkv, 1, backend=backend)
+    for op, call in (("dwconv3d", lambda **kw: ops.dwconv3d(x, w, **kw)),
+                     ("attention", lambda **kw: ops.attention(qkv, 1, **kw))):
+        for backend in ops.BACKENDS:
+            if backend == "auto" or backend in ops.available_backends(op):
+                continue
+            with pytest.raises(BackendUnavailableError, match=f"{op}: backend '{backend}'"):
+                call(backend=backend)
+            with ops.use_backend(backend, op=op), pytest.raises(BackendUnavailableError, match=backend):
+                call()
+
+
+def test_whole_model_choice_applies_to_ops_that_have_it():
+    with ops.use_backend("sdpa"):
+        assert ops.get_backend("attention") == "sdpa"
+        assert ops.get_backend("dwconv3d") == "auto"  # no sdpa depthwise conv: its default holds
+        assert ops.get_backend() == "sdpa"
+    with ops.use_backend("reference"):
+        assert {ops.get_backend(op) for op in ("attention", "dwconv3d", "linear")} == {"reference"}
+    ops.set_backend("cpp")
+    try:
+        assert ops.get_backend("dwconv3d") == "cpp" and ops.get_backend("attention") == "auto"
+    finally:
+        ops.set_backend("auto")
 
 
 def test_named_backend_that_cannot_run_says_why():

@@ -80,23 +80,31 @@ def register(op: str, backend: str, why_not: Optional[Callable[..., Optional[str
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend (``"auto"`` initially)."""
+    """Set the process-wide default backend (``"auto"`` initially), for every op that has it."""
     global _default_backend
     _default_backend = _check_name(name, "name")
 
 
 def get_backend(op: Optional[str] = None) -> str:
-    """The backend name in force here (for ``op`` if given): the innermost ``use_backend`` that
-    names it, else the default."""
+    """The backend name in force here (for ``op`` if given).
+
+    A choice made for ``op`` by name (``use_backend(name, op=op)``) always holds. A choice for the
+    whole model (``use_backend(name)``, ``set_backend(name)``) holds for the ops that implement
+    ``name``; an op without it (e.g. ``linear`` under ``"triton"``) stays on ``"auto"``.
+    """
     scoped = _scoped_choice()
     if op is not None and op in scoped:
         return scoped[op]
-    return scoped.get(None, _default_backend)
+    name = scoped.get(None, _default_backend)
+    if op is not None and name not in ("auto", "reference") and name not in _OPS[op].impls:
+        return "auto"
+    return name
 
 
 @contextlib.contextmanager
 def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
-    """Run the enclosed ops with backend ``name`` (only op ``op`` if given, e.g. ``"attention"``).
+    """Run the enclosed ops with backend ``name``: only ``op`` if given (e.g. ``"attention"``),
+    else every op that implements ``name`` (the others stay on ``"auto"``, see :func:`get_backend`).
 
     Contexts nest, the inner one winning, and are per thread.
     """
