@@ -144,8 +144,12 @@ class CBlock(nn.Module):
     def forward(self, x):
         x = _dpe(self.pos_embed, x)
         a = _pointwise(self.conv1, self.norm1(x))
-        a = ops.dwconv3d(a, self.attn.weight, self.attn.bias)
-        x = x + self.drop_path(_pointwise(self.conv2, a))
+        if self.drop_path.p > 0.0 and self.training:
+            # Stochastic depth scales the branch before the residual add: the unfused path.
+            a = ops.dwconv3d(a, self.attn.weight, self.attn.bias)
+            x = x + self.drop_path(_pointwise(self.conv2, a))
+        else:
+            x = ops.local_mhra_tail(a, self.attn.weight, self.attn.bias, self.conv2.weight, self.conv2.bias, x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -164,10 +168,12 @@ class SABlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x):
-        x = _dpe(self.pos_embed, x)
+        # The DPE and norm1 in one op: y = x + dwconv(x) + bias and z = norm1(y) (one pass on "triton").
+        x, z = ops.dpe_layernorm(x, self.pos_embed.weight, self.pos_embed.bias, self.norm1.weight,
+                                 self.norm1.bias, self.norm1.eps)
         B, C, T, H, W = x.shape
         t = x.flatten(2).transpose(1, 2)  # (B, N, C): a view when x is channels-last
-        t = t + self.drop_path(self.attn(self.norm1(t)))
+        t = t + self.drop_path(self.attn(z.flatten(2).transpose(1, 2)))
         t = t + self.drop_path(self.mlp(self.norm2(t)))
         return t.transpose(1, 2).reshape(B, C, T, H, W)
 

@@ -6,12 +6,17 @@ ground truth for all others.
 from .attention import attention
 from .backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
                       set_backend, use_backend)
+from .dpe import dpe_layernorm
 from .dwconv3d import dwconv3d
 from .linear import linear
-from .reference import attention_reference, dwconv3d_reference, linear_reference
+from .local_mhra import local_mhra_tail
+from .reference import (attention_reference, dpe_layernorm_reference, dwconv3d_reference,
+                        linear_reference)
+from .reference import local_mhra_tail_reference
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "attention", "attention_reference", "available_backends",
-    "dwconv3d", "dwconv3d_reference", "get_backend", "linear", "linear_reference", "set_backend",
-    "use_backend",
+    "dpe_layernorm", "dpe_layernorm_reference", "dwconv3d", "dwconv3d_reference", "get_backend",
+    "linear", "linear_reference", "set_backend",
+    "use_backend", "local_mhra_tail", "local_mhra_tail_reference",
 ]

@@ -247,19 +247,26 @@ class _DWConv3dTriton(torch.autograd.Function):
         # Any B/T/H/W strides are read in place; a gradient without unit channel stride (e.g. the
         # stride-0 one of y.sum().backward()) is made channels-last once.
         gy = _channels_last(grad_y)
-        kernel = list(weight.shape[2:])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # dx = conv(dy, point-reflected kernel) (+ dy for the residual), the forward kernel.
-            grad_x = dwconv3d_triton_fwd(gy, _weight_taps(weight, flip=True), None, ctx.residual, kernel)
-        want_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1] or want_b:
-            dw_taps, db = dwconv3d_triton_bwd_dw(x, gy, kernel)
-            if ctx.needs_input_grad[1]:
-                grad_w = dw_taps.t().reshape(weight.shape).to(weight.dtype)
-            if want_b:
-                grad_b = db.to(weight.dtype)
-        return grad_x, grad_w, grad_b, None
+        return (*dwconv3d_triton_backward(x, gy, weight, ctx.residual, ctx.needs_input_grad[0],
+                                          ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]),
+                None)
+
+
+def dwconv3d_triton_backward(x, gy, weight, residual, need_x, need_w, need_b):
+    """(dx, dweight, dbias) of ``conv(x) + bias (+ x)`` on the Triton kernels, None where not
+    needed. x and gy with unit channel stride; dweight and dbias deterministic."""
+    kernel = list(weight.shape[2:])
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        # dx = conv(dy, point-reflected kernel) (+ dy for the residual), the forward kernel.
+        grad_x = dwconv3d_triton_fwd(gy, _weight_taps(weight, flip=True), None, residual, kernel)
+    if need_w or need_b:
+        dw_taps, db = dwconv3d_triton_bwd_dw(x, gy, kernel)
+        if need_w:
+            grad_w = dw_taps.t().reshape(weight.shape).to(weight.dtype)
+        if need_b:
+            grad_b = db.to(weight.dtype)
+    return grad_x, grad_w, grad_b
 
 
 @_backend.register("dwconv3d", "triton", why_not=_triton_why_not)

@@ -45,3 +45,26 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``F.linear`` then, if ``activation == "gelu"``, the exact (erf) GELU. x: (..., in)."""
     y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y
+
+
+def local_mhra_tail_reference(u: torch.Tensor, attn_weight: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                              conv2_weight: torch.Tensor, conv2_bias: Optional[torch.Tensor],
+                              residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The tail of a Local MHRA: ``residual + conv2(dwconv(u) + attn_bias)``.
+
+    u, residual: (B, C, T, H, W); attn_weight: (C, 1, kt, kh, kw), odd sizes; conv2_weight:
+    (C, C, 1, 1, 1), the 1x1x1 projection; biases (C,) or None; residual None adds nothing.
+    """
+    a = dwconv3d_reference(u, attn_weight, attn_bias)
+    y = F.conv3d(a, conv2_weight, conv2_bias)
+    return y if residual is None else residual + y
+
+
+def dpe_layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                            eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SABlock's DPE and the LayerNorm after it: ``y = x + dwconv(x) + bias`` and
+    ``z = layer_norm(y over C) * ln_weight + ln_bias``, each (B, C, T, H, W) like x."""
+    y = dwconv3d_reference(x, weight, bias, residual=True)
+    z = F.layer_norm(y.permute(0, 2, 3, 4, 1), (y.shape[1],), ln_weight, ln_bias, eps)
+    return y, z.permute(0, 4, 1, 2, 3)

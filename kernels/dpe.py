@@ -1,0 +1,319 @@
+"""The SABlock's DPE with its LayerNorm epilogue: one Triton kernel writes the residual stream and
+the normalised tokens.
+
+``y = x + dwconv(x) + bias`` (the dynamic position embedding, depthwise, stride 1, zero "same"
+padding) and ``z = layer_norm(y over C) * ln_weight + ln_bias``. A program owns BLOCK_P positions
+x all C channels (BLOCK_C = the next power of two >= C, masked), so once the convolution has
+accumulated a tile of y in registers, the LayerNorm's statistics are a row reduction over that
+same tile: y is never read back.
+
+Layouts (channels-last inside):
+
+- ``x``: (B, T, H, W, C) read through its strides ``(stride_b, stride_t, stride_h, stride_w)``
+  with unit channel stride (a (B, C, T, H, W) tensor in ``channels_last_3d`` memory or a B/T/H/W
+  slice of one).
+- ``weight_taps``: (KT * KH * KW, C) contiguous, tap-major, as in :mod:`.dwconv3d`.
+- ``y``, ``z``: (B, T, H, W, C) contiguous (dense ``channels_last_3d``), written here.
+- ``mean``, ``rstd``: (B * T * H * W,) float32, the LayerNorm statistics of each token, written
+  for the backward.
+
+The LayerNorm normalises y as stored (rounded to the output dtype), as the unfused composition
+``layer_norm(dwconv(x))`` does, so the backward can recompute ``x_hat`` from the stored y and the
+saved statistics exactly. Statistics are float32, the variance is the mean of squared deviations
+(two passes over the registers, not ``E[y^2] - E[y]^2``).
+
+Backward: :func:`dpe_layernorm_bwd_ln_kernel` recomputes ``x_hat`` from the stored y and the
+saved statistics, writes ``dy_total = dy + d layer_norm / dy`` (one read of y, dz, dy; one write)
+and accumulates the ln_weight / ln_bias gradients as per-program float32 partials (summed in a
+fixed order afterwards: deterministic, no atomics). Then :mod:`.dwconv3d`'s kernels (the input
+gradient with the residual, the deterministic weight/bias gradient) run on ``dy_total``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL = 7
+# One program holds all channels of its positions; the block configs are compiled (without
+# spills, tests/test_dpe.py) up to 1024 channels. Wider C is refused (why_not_shape), so "auto"
+# takes the reference.
+MAX_CHANNELS = 1024
+# BLOCK_P * BLOCK_C elements per program: 4096, i.e. 16 float32 accumulator registers per thread
+# at 8 warps (the dwconv3d forward's budget), at most 64 positions for narrow channel blocks.
+TILE_ELEMENTS = 4096
+MAX_BLOCK_P = 64
+NUM_WARPS = 8
+# As in kernels/dwconv3d.py, where a row of 7 unrolled taps (KW = 7) spilled at 8 warps on sm_80:
+# 4 warps for KW = 7.
+NUM_WARPS_KW7 = 4
+# Under the interpreter every op costs ~0.1 ms per program whatever the block size: few programs,
+# but small enough that test shapes still have several position tiles, the last one partial.
+INTERPRET_BLOCK_P = 16
+# LayerNorm backward: each program loops over a group of tiles, accumulating the ln_weight/ln_bias
+# gradients in registers, and writes one float32 row of partials; as many programs as fit on the
+# GPU at once (8 warps at 64-80 registers: 3-4 per SM) keep those partials small. Under the
+# interpreter, two tiles per program so the loop and the final sum both run.
+BWD_PROGRAMS_PER_SM = 4
+# Half the forward's tile: y, dz and the two parameter-gradient accumulators are live at once
+# (4096-element tiles took 162 registers for float32 at C = 512 on sm_90: one program per SM).
+BWD_TILE_ELEMENTS = 2048
+INTERPRET_BWD_TILES_PER_PROG = 2
+
+
+def block_c(C: int) -> int:
+    """The channel block: the next power of two >= C (at least 16, the 16-byte load width)."""
+    return max(16, triton.next_power_of_2(C))
+
+
+def fwd_config(C: int, kernel_size: tuple) -> dict:
+    """BLOCK_P, BLOCK_C and num_warps of :func:`dpe_layernorm_fwd_kernel` for C channels."""
+    bc = block_c(C)
+    if INTERPRET:
+        return dict(BLOCK_P=INTERPRET_BLOCK_P, BLOCK_C=bc, num_warps=1)
+    warps = NUM_WARPS_KW7 if kernel_size[2] == 7 else NUM_WARPS
+    return dict(BLOCK_P=min(MAX_BLOCK_P, TILE_ELEMENTS // bc), BLOCK_C=bc, num_warps=warps)
+
+
+def bwd_ln_config(C: int) -> dict:
+    """BLOCK_P, BLOCK_C and num_warps of :func:`dpe_layernorm_bwd_ln_kernel` for C channels."""
+    bc = block_c(C)
+    if INTERPRET:
+        return dict(BLOCK_P=INTERPRET_BLOCK_P, BLOCK_C=bc, num_warps=1)
+    return dict(BLOCK_P=min(MAX_BLOCK_P, BWD_TILE_ELEMENTS // bc), BLOCK_C=bc, num_warps=NUM_WARPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def why_not_shape(shape) -> "str | None":
+    """None if the kernel can run x of this (B, C, T, H, W) shape, else why not."""
+    B, C, T, H, W = shape
+    if C > MAX_CHANNELS:
+        return f"C must be at most {MAX_CHANNELS} (one program holds all channels); got {C}"
+    if T * H * W >= 2 ** 31:
+        return f"T * H * W must be below 2**31; got {T * H * W}"
+    if B > 65535:
+        return f"the batch must be at most 65535; got {B}"
+    return None
+
+
+@triton.jit
+def dpe_layernorm_fwd_kernel(
+    x_ptr,  # (B, T, H, W, C) strided, unit channel stride
+    w_ptr,  # (KT * KH * KW, C) contiguous
+    b_ptr,  # (C,) or a dummy when HAS_BIAS is False
+    lnw_ptr,  # (C,)
+    lnb_ptr,  # (C,)
+    y_ptr,  # (B, T, H, W, C) contiguous: x + dwconv(x) + bias
+    z_ptr,  # (B, T, H, W, C) contiguous: layer_norm(y) * lnw + lnb
+    mean_ptr,  # (B * T * H * W,) float32
+    rstd_ptr,  # (B * T * H * W,) float32
+    C, T, H, W,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    eps,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    HW = H * W
+    THW = T * HW
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < THW
+    t = p // HW
+    h = (p // W) % H
+    w = p % W
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_base = x_ptr + pid_b * stride_xb
+    x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
+
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    # A runtime loop over the (kt, kh) rows of taps, unrolled along kw only (as dwconv3d_fwd_kernel:
+    # fully unrolled, the hoisted loads of every tap exhaust the registers).
+    for k in range(KT * KH):
+        dt = k // KH - KT // 2
+        dh = k % KH - KH // 2
+        ti = t + dt
+        hi = h + dh
+        m_th = p_mask & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < H)
+        row_off = x_off + (dt * stride_xt + dh * stride_xh)
+        for kw in tl.static_range(KW):
+            wi = w + (kw - KW // 2)
+            m = m_th & (wi >= 0) & (wi < W)
+            xv = tl.load(x_base + (row_off + (kw - KW // 2) * stride_xw)[:, None] + c[None, :],
+                         mask=m[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + (k * KW + kw) * C + c, mask=c_mask, other=0.0)
+            acc += xv * wv.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    mask = p_mask[:, None] & c_mask[None, :]
+    acc += tl.load(x_base + x_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tok = pid_b * THW + p
+    y_off = tok * C
+    tl.store(y_ptr + y_off[:, None] + c[None, :], y, mask=mask)
+
+    # The LayerNorm of the stored y; masked channels hold 0 and are kept out of the variance.
+    yf = y.to(tl.float32)
+    mean = tl.sum(yf, axis=1) / C
+    diff = tl.where(c_mask[None, :], yf - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    lnw = tl.load(lnw_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    lnb = tl.load(lnb_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    z = diff * rstd[:, None] * lnw[None, :] + lnb[None, :]
+    tl.store(z_ptr + y_off[:, None] + c[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + tok, mean, mask=p_mask)
+    tl.store(rstd_ptr + tok, rstd, mask=p_mask)
+
+
+@triton.jit
+def dpe_layernorm_bwd_ln_kernel(
+    y_ptr,  # (B, T, H, W, C) contiguous: the forward's y
+    dz_ptr,  # (B, T, H, W, C) strided, unit channel stride: the gradient of z
+    dy_ptr,  # (B, T, H, W, C) strided, unit channel stride: y's gradient (a dummy if not HAS_DY)
+    lnw_ptr,  # (C,)
+    mean_ptr,  # (B * T * H * W,) float32
+    rstd_ptr,  # (B * T * H * W,) float32
+    dyt_ptr,  # (B, T, H, W, C) contiguous: dy + d(layer_norm)/dy, written here
+    dlnw_partial_ptr,  # (G, C) float32
+    dlnb_partial_ptr,  # (G, C) float32
+    C, T, H, W, num_tokens, tiles_per_prog,
+    stride_dzb, stride_dzt, stride_dzh, stride_dzw,
+    stride_dyb, stride_dyt, stride_dyh, stride_dyw,
+    HAS_DY: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    HW = H * W
+    THW = T * HW
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    lnw = tl.load(lnw_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for i in range(tiles_per_prog):
+        # Tiles run over the flattened (b, t, h, w) tokens; a tile may span two batch elements.
+        tok = (pid_g * tiles_per_prog + i).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = tok < num_tokens
+        mask = p_mask[:, None] & c_mask[None, :]
+        b = tok // THW
+        p = tok % THW
+        t = p // HW
+        h = (p // W) % H
+        w = p % W
+        mean = tl.load(mean_ptr + tok, mask=p_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + tok, mask=p_mask, other=0.0)
+        yv = tl.load(y_ptr + (tok * C)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_hat = tl.where(mask, (yv - mean[:, None]) * rstd[:, None], 0.0)
+        dz_off = b * stride_dzb + t * stride_dzt + h * stride_dzh + w * stride_dzw
+        dz = tl.load(dz_ptr + dz_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = dz * lnw[None, :]
+        c1 = tl.sum(g * x_hat, axis=1) / C
+        c2 = tl.sum(g, axis=1) / C
+        d = rstd[:, None] * (g - c2[:, None] - x_hat * c1[:, None])
+        if HAS_DY:
+            dy_off = b * stride_dyb + t * stride_dyt + h * stride_dyh + w * stride_dyw
+            d += tl.load(dy_ptr + dy_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dyt_ptr + (tok * C)[:, None] + c[None, :], d.to(dyt_ptr.dtype.element_ty), mask=mask)
+        acc_w += dz * x_hat
+        acc_b += dz
+    row = pid_g.to(tl.int64) * C
+    tl.store(dlnw_partial_ptr + row + c, tl.sum(acc_w, axis=0), mask=c_mask)
+    tl.store(dlnb_partial_ptr + row + c, tl.sum(acc_b, axis=0), mask=c_mask)
+
+
+# --- launchers ------------------------------------------------------------------------------------
+
+def dpe_layernorm_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, ln_weight: torch.Tensor,
+                      ln_bias: torch.Tensor, eps: float, kernel_size: tuple):
+    """``y = x + conv(x) (+ bias)`` and ``z = layer_norm(y over C) * ln_weight + ln_bias``.
+
+    Args:
+        x: (B, C, T, H, W) with unit channel stride (``channels_last_3d`` or a B/T/H/W slice of
+            it); other strides are read as they are. C <= :data:`MAX_CHANNELS`.
+        weight_taps: (KT * KH * KW, C) contiguous, tap-major.
+        bias: (C,) contiguous or None.
+        ln_weight, ln_bias: (C,) contiguous.
+        eps: the LayerNorm's epsilon.
+        kernel_size: (KT, KH, KW), odd, each <= 7.
+
+    Returns:
+        ``(y, z, mean, rstd)``: y and z (B, C, T, H, W) in dense ``channels_last_3d`` memory, x's
+        dtype; mean and rstd (B * T * H * W,) float32, token order (b, t, h, w).
+    """
+    if x.shape[1] != 1 and x.stride(1) != 1:
+        raise ValueError(f"x must have unit channel stride (channels_last_3d); got strides {x.stride()}")
+    B, C, T, H, W = x.shape
+    KT, KH, KW = kernel_size
+    assert weight_taps.shape == (KT * KH * KW, C) and weight_taps.is_contiguous()
+    assert ln_weight.is_contiguous() and ln_bias.is_contiguous()
+    y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
+    z = torch.empty_like(y)
+    mean = torch.empty(B * T * H * W, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    cfg = fwd_config(C, kernel_size)
+    sb, _, st, sh, sw = x.stride()
+    grid = (triton.cdiv(T * H * W, cfg["BLOCK_P"]), B)
+    dpe_layernorm_fwd_kernel[grid](
+        x, weight_taps, bias if bias is not None else weight_taps, ln_weight, ln_bias,
+        y, z, mean, rstd,
+        C, T, H, W, sb, st, sh, sw, float(eps),
+        KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return y.permute(0, 4, 1, 2, 3), z.permute(0, 4, 1, 2, 3), mean, rstd
+
+
+def dpe_layernorm_bwd_ln(y: torch.Tensor, grad_z: torch.Tensor, grad_y, ln_weight: torch.Tensor,
+                         mean: torch.Tensor, rstd: torch.Tensor):
+    """The LayerNorm's backward, fused with the sum of the two gradients of y.
+
+    Args:
+        y: (B, C, T, H, W), the forward's y, dense ``channels_last_3d``.
+        grad_z: (B, C, T, H, W) with unit channel stride; other strides are read as they are.
+        grad_y: like grad_z, or None.
+        ln_weight: (C,) contiguous. mean, rstd: (B * T * H * W,) float32 from the forward.
+
+    Returns:
+        ``(dy_total, dln_weight, dln_bias)``: dy_total (B, C, T, H, W) dense channels_last_3d in
+        y's dtype (``grad_y + d layer_norm``); the LayerNorm parameter gradients (C,) float32,
+        deterministic (per-program float32 partials summed in a fixed order).
+    """
+    B, C, T, H, W = y.shape
+    assert y.permute(0, 2, 3, 4, 1).is_contiguous() and ln_weight.is_contiguous()
+    for name, g in (("grad_z", grad_z), ("grad_y", grad_y)):
+        if g is not None and C != 1 and g.stride(1) != 1:
+            raise ValueError(f"{name} must have unit channel stride (channels_last_3d); got strides {g.stride()}")
+    sdz = [s for i, s in enumerate(grad_z.stride()) if i != 1]
+    sdy = [s for i, s in enumerate(grad_y.stride()) if i != 1] if grad_y is not None else [0] * 4
+    num_tokens = B * T * H * W
+    cfg = bwd_ln_config(C)
+    num_tiles = triton.cdiv(num_tokens, cfg["BLOCK_P"])
+    if INTERPRET or y.device.type != "cuda":
+        tiles_per_prog = INTERPRET_BWD_TILES_PER_PROG
+    else:
+        # The grouping depends only on the shape and the GPU, so results are reproducible.
+        tiles_per_prog = triton.cdiv(num_tiles, BWD_PROGRAMS_PER_SM * _num_sms(y.device))
+    G = triton.cdiv(num_tiles, tiles_per_prog)
+    dyt = torch.empty((B, T, H, W, C), dtype=y.dtype, device=y.device)
+    dlnw_partial = torch.empty((G, C), dtype=torch.float32, device=y.device)
+    dlnb_partial = torch.empty_like(dlnw_partial)
+    dpe_layernorm_bwd_ln_kernel[(G,)](
+        y, grad_z, grad_y if grad_y is not None else grad_z, ln_weight, mean, rstd,
+        dyt, dlnw_partial, dlnb_partial,
+        C, T, H, W, num_tokens, tiles_per_prog, *sdz, *sdy,
+        HAS_DY=grad_y is not None,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return dyt.permute(0, 4, 1, 2, 3), dlnw_partial.sum(0), dlnb_partial.sum(0)

@@ -1,0 +1,219 @@
+"""The tail of a Local MHRA (CBlock): ``residual + conv2(dwconv(u) + attn_bias)`` in one Triton kernel.
+
+``dwconv`` is the depthwise 5x5x5 affinity (any odd kernel up to 7) and ``conv2`` the 1x1x1
+projection, a C x C matmul plus bias. A program holds a tile of BLOCK_P positions x all C channels
+(padded to BLOCK_C, the next power of two >= 16), so the depthwise result ``a`` lives only in
+registers: it is accumulated in float32 over the taps, rounded to the input dtype (what the
+unfused path stores) and multiplied by the projection with ``tl.dot`` on tensor cores, then the
+projection bias and the residual are added and the result is stored channels-last. Per position
+the kernel reads u's halo, the residual and writes y, against the unfused path's extra write and
+read of ``a`` and of the projection output.
+
+Layouts (channels-last, unit channel stride; other strides free):
+
+- ``u``, ``residual``: (B, T, H, W, C) read through ``(stride_b, stride_t, stride_h, stride_w)``,
+  i.e. (B, C, T, H, W) tensors in ``channels_last_3d`` memory or B/T/H/W slices of one.
+- ``attn_taps``: (KT * KH * KW, C) contiguous, tap-major (as kernels/dwconv3d.py).
+- ``conv2_wt``: (C_in, C_out) = (C, C) contiguous, the transposed projection weight, so that
+  ``y = a @ conv2_wt``.
+- ``y``: (B, T, H, W, C) contiguous (dense ``channels_last_3d``), written here.
+
+The backward recomputes ``a`` with kernels/dwconv3d.py's forward kernel and reuses its kernels for
+the depthwise gradients; the projection gradients are plain matmuls (uniformer_fast/ops/local_mhra.py).
+
+Precision: float32 accumulation everywhere; for float16/bfloat16 ``a`` is rounded to the input
+dtype before the tensor-core matmul. Float32 inputs follow :func:`torch.get_float32_matmul_precision`
+(``"highest"``: exact IEEE products; ``"high"``/``"medium"``: tf32), as kernels/attention.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+from .attention import dot_precision, matmul_kind
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL = 7
+# One program holds all channels; beyond 128 the (BLOCK_C x BLOCK_C) projection tile and the
+# float32 accumulator no longer fit a program (UniFormer's CBlocks have C = 64 and 128).
+MAX_CHANNELS = 128
+
+# GPU launch configs per matmul kind (kernels/attention.py's matmul_kind), keyed by BLOCK_C. Picked
+# from ahead-of-time compiles (no GPU timing yet); each is compiled for sm_80 and sm_90 in
+# tests/test_local_mhra.py, which fails on spills. BLOCK_P >= 64 where tensor cores run: a Hopper
+# wgmma tile is 64 rows.
+# - 16-bit: BLOCK_P * BLOCK_C = 512 * num_warps keeps the float32 depthwise accumulator at 16
+#   registers per thread, as kernels/dwconv3d.py's forward (a row of five unrolled taps hoists five
+#   such loads): sm_90 104-110 registers. With half the warps the same tiles took 168-180.
+# - tf32: float32 operands double the loads and the projection tile; 16-warp programs are capped at
+#   128 registers and spilled for C = 128, and C = 64 on 8 warps spilled with a 7x7x7 kernel on
+#   sm_80 (ptxas held it to 128 registers): sm_90 128 / 157 / 164 / 190 registers.
+# - ieee (exact float32, torch's default "highest" precision): tl.dot runs on CUDA cores with its
+#   operands in registers; the tf32 tiles spill there (C = 64: ~650 bytes of stack, C = 128:
+#   ~9.5 kB). These do not, and keep 16-byte loads along C (sm_90: 72 / 80 / 80 / 185 registers).
+CONFIGS = {
+    "16bit": {16: dict(BLOCK_P=128, num_warps=4), 32: dict(BLOCK_P=128, num_warps=8),
+              64: dict(BLOCK_P=64, num_warps=8), 128: dict(BLOCK_P=64, num_warps=16)},
+    "tf32": {16: dict(BLOCK_P=128, num_warps=4), 32: dict(BLOCK_P=128, num_warps=8),
+             64: dict(BLOCK_P=64, num_warps=4), 128: dict(BLOCK_P=64, num_warps=8)},
+    "ieee": {16: dict(BLOCK_P=64, num_warps=4), 32: dict(BLOCK_P=64, num_warps=8),
+             64: dict(BLOCK_P=32, num_warps=8), 128: dict(BLOCK_P=32, num_warps=8)},
+}
+BLOCK_CS = (16, 32, 64, 128)
+# Under the interpreter every op costs ~0.1 ms per program whatever the block size: few programs,
+# but small enough that the tiny test shapes still have a partial last tile.
+INTERPRET_CONFIG = dict(BLOCK_P=32, num_warps=1)
+
+
+def block_c(C: int) -> int:
+    return max(16, triton.next_power_of_2(C))
+
+
+def why_not_shape(shape) -> "str | None":
+    """None if the kernel can run u of this (B, C, T, H, W) shape, else why not."""
+    B, C, T, H, W = shape
+    if C > MAX_CHANNELS:
+        return f"the fused kernel holds all channels of a tile: C must be at most {MAX_CHANNELS}; got {C}"
+    if T * H * W >= 2 ** 31:
+        return f"T * H * W must be below 2**31; got {T * H * W}"
+    if B > 65535:
+        return f"the batch must be at most 65535; got {B}"
+    return None
+
+
+def gpu_config(C: int, kind: str) -> dict:
+    """The compiled-GPU BLOCK_P, BLOCK_C and num_warps; ``kind`` is a matmul_kind ("16bit",
+    "tf32" or "ieee")."""
+    cfg = dict(CONFIGS[kind][block_c(C)])
+    cfg["BLOCK_C"] = block_c(C)
+    return cfg
+
+
+def fwd_config(C: int, dtype: torch.dtype) -> dict:
+    """BLOCK_P, BLOCK_C and num_warps of the forward kernel."""
+    if not INTERPRET:
+        return gpu_config(C, matmul_kind(dtype))
+    cfg = dict(INTERPRET_CONFIG)
+    cfg["BLOCK_C"] = block_c(C)
+    return cfg
+
+
+@triton.jit
+def local_mhra_tail_fwd_kernel(
+    u_ptr,  # (B, T, H, W, C) strided, unit channel stride
+    taps_ptr,  # (KT * KH * KW, C) contiguous
+    ab_ptr,  # (C,) depthwise bias, or a dummy when HAS_ATTN_BIAS is False
+    w2_ptr,  # (C, C) contiguous: conv2's weight transposed, (C_in, C_out)
+    b2_ptr,  # (C,) projection bias, or a dummy when HAS_CONV2_BIAS is False
+    r_ptr,  # (B, T, H, W, C) strided, unit channel stride, or a dummy when HAS_RESIDUAL is False
+    y_ptr,  # (B, T, H, W, C) contiguous
+    C, T, H, W,
+    stride_ub, stride_ut, stride_uh, stride_uw,
+    stride_rb, stride_rt, stride_rh, stride_rw,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_ATTN_BIAS: tl.constexpr, HAS_CONV2_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    HW = H * W
+    THW = T * HW
+    # Positions within one batch element fit in int32 (T*H*W < 2**31); offsets do not.
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < THW
+    t = p // HW
+    h = (p // W) % H
+    w = p % W
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    u_base = u_ptr + pid_b * stride_ub
+    u_off = t.to(tl.int64) * stride_ut + h.to(tl.int64) * stride_uh + w.to(tl.int64) * stride_uw
+
+    # Depthwise convolution over all channels: a runtime loop over the (kt, kh) rows of taps,
+    # unrolled along kw only, so the compiler does not hoist every tap's load (registers).
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for k in range(KT * KH):
+        dt = k // KH - KT // 2
+        dh = k % KH - KH // 2
+        ti = t + dt
+        hi = h + dh
+        m_th = p_mask & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < H)
+        row_off = u_off + (dt * stride_ut + dh * stride_uh)
+        for kw in tl.static_range(KW):
+            wi = w + (kw - KW // 2)
+            m = m_th & (wi >= 0) & (wi < W)
+            uv = tl.load(u_base + (row_off + (kw - KW // 2) * stride_uw)[:, None] + c[None, :],
+                         mask=m[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(taps_ptr + (k * KW + kw) * C + c, mask=c_mask, other=0.0)
+            acc += uv * wv.to(tl.float32)[None, :]
+    if HAS_ATTN_BIAS:
+        acc += tl.load(ab_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+
+    # The projection: a (BLOCK_P, C_in) @ conv2_wt (C_in, C_out). Padded channels of a are zero
+    # (masked loads), and so are the padded rows and columns of the weight tile.
+    w2 = tl.load(w2_ptr + c[:, None] * C + c[None, :], mask=c_mask[:, None] & c_mask[None, :], other=0.0)
+    a = acc.to(y_ptr.dtype.element_ty)  # rounded as the unfused path stores it
+    if UPCAST:  # the interpreter's bfloat16 tl.dot is wrong: multiply in float32 there
+        y = tl.dot(a.to(tl.float32), w2.to(tl.float32), input_precision="ieee")
+    else:
+        y = tl.dot(a, w2, input_precision=PRECISION)
+    if HAS_CONV2_BIAS:
+        y += tl.load(b2_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    mask = p_mask[:, None] & c_mask[None, :]
+    if HAS_RESIDUAL:
+        r_off = (pid_b * stride_rb + t.to(tl.int64) * stride_rt + h.to(tl.int64) * stride_rh
+                 + w.to(tl.int64) * stride_rw)
+        y += tl.load(r_ptr + r_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    y_off = (pid_b * THW + p) * C
+    tl.store(y_ptr + y_off[:, None] + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launcher -------------------------------------------------------------------------------------
+
+def _check_channel_stride(name: str, t: torch.Tensor) -> None:
+    if t.shape[1] != 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit channel stride (channels_last_3d); got strides {t.stride()}")
+
+
+def local_mhra_tail_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, conv2_wt: torch.Tensor,
+                        conv2_bias, residual, kernel_size: tuple) -> torch.Tensor:
+    """``residual + (dwconv(u) + attn_bias) @ conv2_wt + conv2_bias``.
+
+    Args:
+        u: (B, C, T, H, W) with unit channel stride (``channels_last_3d`` or a B/T/H/W slice).
+        attn_taps: (KT * KH * KW, C) contiguous, tap-major.
+        attn_bias: (C,) contiguous or None.
+        conv2_wt: (C, C) contiguous, conv2's weight transposed (C_in, C_out).
+        conv2_bias: (C,) contiguous or None.
+        residual: (B, C, T, H, W) with unit channel stride, or None.
+        kernel_size: (KT, KH, KW), odd, each <= 7.
+
+    Returns:
+        (B, C, T, H, W) in dense ``channels_last_3d`` memory, u's dtype.
+    """
+    _check_channel_stride("u", u)
+    if residual is not None:
+        _check_channel_stride("residual", residual)
+    B, C, T, H, W = u.shape
+    KT, KH, KW = kernel_size
+    assert attn_taps.shape == (KT * KH * KW, C) and attn_taps.is_contiguous()
+    assert conv2_wt.shape == (C, C) and conv2_wt.is_contiguous()
+    y = torch.empty((B, T, H, W, C), dtype=u.dtype, device=u.device)
+    cfg = fwd_config(C, u.dtype)
+    BLOCK_P = cfg["BLOCK_P"]
+    sub, _, sut, suh, suw = u.stride()
+    srb, _, srt, srh, srw = residual.stride() if residual is not None else (0,) * 5
+    grid = (triton.cdiv(T * H * W, BLOCK_P), B)
+    local_mhra_tail_fwd_kernel[grid](
+        u, attn_taps, attn_bias if attn_bias is not None else attn_taps, conv2_wt,
+        conv2_bias if conv2_bias is not None else conv2_wt, residual if residual is not None else u, y,
+        C, T, H, W, sub, sut, suh, suw, srb, srt, srh, srw,
+        KT=KT, KH=KH, KW=KW, HAS_ATTN_BIAS=attn_bias is not None,
+        HAS_CONV2_BIAS=conv2_bias is not None, HAS_RESIDUAL=residual is not None,
+        PRECISION=dot_precision(u.dtype), UPCAST=INTERPRET,
+        BLOCK_P=BLOCK_P, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return y.permute(0, 4, 1, 2, 3)

@@ -1,0 +1,179 @@
+"""The tail of a Local MHRA (CBlock): ``residual + conv2(dwconv(u) + attn_bias)``: validation and dispatch.
+
+``"reference"`` is the unfused composition through the public ops (:func:`ops.dwconv3d` with the
+backend in force, then the 1x1x1 projection as a matmul, then the add); ``"triton"`` is one fused
+kernel for the forward (kernels/local_mhra.py) and, for the backward, a recomputation of the
+depthwise output with the dwconv3d kernels, two matmuls for the projection and the dwconv3d
+gradient kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import backend as _backend
+from ._validate import check_like, check_tensor
+from .dwconv3d import (MAX_KERNEL, _channels_last, _empty_channels_last, _weight_taps, dwconv3d,
+                       dwconv3d_triton_bwd_dw, dwconv3d_triton_fwd)
+
+_backend.define_op("local_mhra_tail", auto={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+
+CL = torch.channels_last_3d
+
+
+def _validate(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
+    check_tensor("u", u, ndim=5, form="(B, C, T, H, W)")
+    C = u.shape[1]
+    form = f"({C}, 1, kt, kh, kw) with odd kt, kh, kw <= {MAX_KERNEL}"
+    check_tensor("attn_weight", attn_weight, ndim=5, form=form)
+    if attn_weight.shape[:2] != (C, 1) or any(k % 2 == 0 or k > MAX_KERNEL for k in attn_weight.shape[2:]):
+        raise ValueError(f"attn_weight must have shape {form} for u with C={C}; got {tuple(attn_weight.shape)}")
+    check_like("attn_weight", attn_weight, "u", u)
+    check_tensor("conv2_weight", conv2_weight, ndim=5, form=f"({C}, {C}, 1, 1, 1)")
+    if conv2_weight.shape != (C, C, 1, 1, 1):
+        raise ValueError(f"conv2_weight must have shape ({C}, {C}, 1, 1, 1) for u with C={C}; "
+                         f"got {tuple(conv2_weight.shape)}")
+    check_like("conv2_weight", conv2_weight, "u", u)
+    for name, b in (("attn_bias", attn_bias), ("conv2_bias", conv2_bias)):
+        if b is not None:
+            check_tensor(name, b, ndim=1, form=f"({C},)")
+            if b.shape[0] != C:
+                raise ValueError(f"{name} must have shape ({C},); got {tuple(b.shape)}")
+            check_like(name, b, "u", u)
+    if residual is not None:
+        check_tensor("residual", residual, ndim=5, form=f"{tuple(u.shape)} (the shape of u)")
+        if residual.shape != u.shape:
+            raise ValueError(f"residual must have the shape of u {tuple(u.shape)}; got {tuple(residual.shape)}")
+        check_like("residual", residual, "u", u)
+    if u.numel() == 0:
+        raise ValueError(f"u must not be empty; got shape {tuple(u.shape)}")
+
+
+def local_mhra_tail(u: torch.Tensor, attn_weight: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                    conv2_weight: torch.Tensor, conv2_bias: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``residual + conv2(dwconv(u) + attn_bias)``, the depthwise affinity and projection of a Local MHRA.
+
+    Args:
+        u: (B, C, T, H, W), the output of conv1 (``channels_last_3d`` is the fast layout).
+        attn_weight: (C, 1, kt, kh, kw), odd sizes up to 7 (UniFormer: 5x5x5), depthwise.
+        attn_bias: (C,) or None.
+        conv2_weight: (C, C, 1, 1, 1), the 1x1x1 projection; conv2_bias: (C,) or None.
+        residual: (B, C, T, H, W) added to the result (the block's input), or None.
+        backend: ``"reference"``, ``"triton"`` or ``"auto"``; ``None`` takes the one set by
+            :func:`use_backend` / :func:`set_backend`.
+
+    Returns:
+        (B, C, T, H, W) in ``channels_last_3d`` memory. Under autocast, in the autocast dtype.
+    """
+    args = _backend.autocast_inputs(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual)
+    _validate(*args)
+    _, fn = _backend.resolve("local_mhra_tail", backend, args[0].device, *args)
+    return fn(*args)
+
+
+# --- "reference": the unfused composition of the public ops -------------------------------------
+
+@_backend.register("local_mhra_tail", "reference")
+def local_mhra_tail_composed(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
+    """dwconv3d through the public op (whatever backend is in force for it), the projection as a
+    matmul over the channels-last view (keeps the layout), then the residual add."""
+    a = dwconv3d(u, attn_weight, attn_bias)
+    y = F.linear(a.permute(0, 2, 3, 4, 1), conv2_weight.flatten(1), conv2_bias).permute(0, 4, 1, 2, 3)
+    return y if residual is None else residual + y
+
+
+# --- "triton": the fused forward kernel in kernels/local_mhra.py ---------------------------------
+
+def _triton_why_not(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
+    from ..kernels import why_not_triton
+    reason = why_not_triton(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual)
+    if reason is not None:
+        return reason
+    from ..kernels.local_mhra import SUPPORTED_DTYPES, why_not_shape
+    if u.dtype not in SUPPORTED_DTYPES:
+        return f"u must be float16, bfloat16 or float32; got {u.dtype}"
+    return why_not_shape(u.shape)
+
+
+@torch.library.custom_op("uniformer_fast::local_mhra_tail_triton_fwd", mutates_args=())
+def local_mhra_tail_triton_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                               conv2_wt: torch.Tensor, conv2_bias: Optional[torch.Tensor],
+                               residual: Optional[torch.Tensor], kernel_size: list[int]) -> torch.Tensor:
+    """u, residual (B, C, T, H, W) with unit channel stride, attn_taps (kt*kh*kw, C), conv2_wt
+    (C_in, C_out) contiguous -> (B, C, T, H, W) in dense channels_last_3d memory."""
+    from ..kernels.local_mhra import local_mhra_tail_fwd
+    return local_mhra_tail_fwd(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, tuple(kernel_size))
+
+
+@local_mhra_tail_triton_fwd.register_fake
+def _(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size):
+    return _empty_channels_last(u)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) dense channels_last_3d -> its (B*T*H*W, C) view."""
+    return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
+
+
+class _LocalMHRATailTriton(torch.autograd.Function):
+    """The fused forward; the backward recomputes ``a = dwconv(u) + attn_bias`` instead of storing
+    it. Activations and gradients are (B, C, T, H, W) with unit channel stride; the output and the
+    gradient of u come in dense ``channels_last_3d`` memory."""
+
+    @staticmethod
+    def forward(ctx, u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
+        u = _channels_last(u)
+        ab = None if attn_bias is None else attn_bias.detach().contiguous()
+        b2 = None if conv2_bias is None else conv2_bias.detach().contiguous()
+        r = None if residual is None else _channels_last(residual)
+        kernel = list(attn_weight.shape[2:])
+        w2t = conv2_weight.detach().flatten(1).t().contiguous()
+        y = local_mhra_tail_triton_fwd(u, _weight_taps(attn_weight), ab, w2t, b2, r, kernel)
+        ctx.save_for_backward(u, attn_weight, attn_bias, conv2_weight)
+        ctx.has_conv2_bias, ctx.has_residual = conv2_bias is not None, residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, attn_weight, attn_bias, conv2_weight = ctx.saved_tensors
+        need_u, need_aw, need_ab, need_w2, need_b2, need_r = ctx.needs_input_grad
+        need_ab = need_ab and attn_bias is not None
+        # Dense channels-last, so that (N, C) views feed the projection matmuls (this also makes
+        # the stride-0 gradient of y.sum().backward() real).
+        gy = grad_y.contiguous(memory_format=CL)
+        dy = _flat(gy)
+        kernel = list(attn_weight.shape[2:])
+        grad_u = grad_aw = grad_ab = grad_w2 = grad_b2 = grad_r = None
+        if need_w2:  # dW2 = dy^T a, with a recomputed as the forward had it (rounded to u's dtype)
+            ab = None if attn_bias is None else attn_bias.detach().contiguous()
+            a = dwconv3d_triton_fwd(u, _weight_taps(attn_weight), ab, False, kernel)
+            grad_w2 = (dy.t() @ _flat(a)).reshape(conv2_weight.shape)
+        if need_b2 and ctx.has_conv2_bias:
+            grad_b2 = dy.sum(0, dtype=torch.float32).to(conv2_weight.dtype)
+        if need_u or need_aw or need_ab:
+            B, C, T, H, W = gy.shape
+            # d_a = dy @ W2 (y = a @ W2^T), (N, C) contiguous: a dense channels-last (B, C, T, H, W).
+            d_a = (dy @ conv2_weight.detach().flatten(1)).view(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+            if need_u:  # du = conv(d_a, point-reflected kernel)
+                grad_u = dwconv3d_triton_fwd(d_a, _weight_taps(attn_weight, flip=True), None, False, kernel)
+            if need_aw or need_ab:
+                dw_taps, db = dwconv3d_triton_bwd_dw(u, d_a, kernel)
+                if need_aw:
+                    grad_aw = dw_taps.t().reshape(attn_weight.shape).to(attn_weight.dtype)
+                if need_ab:
+                    grad_ab = db.to(attn_weight.dtype)
+        if need_r and ctx.has_residual:
+            grad_r = grad_y
+        return grad_u, grad_aw, grad_ab, grad_w2, grad_b2, grad_r
+
+
+@_backend.register("local_mhra_tail", "triton", why_not=_triton_why_not)
+def local_mhra_tail_triton(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
+    """The "triton" backend: float16/bfloat16/float32 tensors on a CUDA device (or on the CPU under
+    ``TRITON_INTERPRET=1``), C <= 128; u and residual in any memory format (read in place with unit
+    channel stride, else converted to ``channels_last_3d`` once). Returns (B, C, T, H, W) in dense
+    ``channels_last_3d`` memory; weight gradients are float32-accumulated and deterministic."""
+    return _LocalMHRATailTriton.apply(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual)
