@@ -259,3 +259,81 @@ def achieved(work: Work, seconds: float, ceil: Optional[dict]) -> dict:
         # floor / measured: 1.0 means at the hardware limit.
         "frac_floor": floor / seconds if (floor and seconds) else None,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Block traffic: what each implementation of a block moves, pass by pass (issue 6's byte model)
+#
+# Units: one "activation" is M x C elements (M = B*T*H*W tokens); the MLP hidden tensor is
+# mlp_ratio activations wide. Each entry is (pass, activations read, activations written),
+# forward, training mode (BatchNorm computes batch statistics: one extra read of its input).
+# Weights are not counted here (they are small next to stage 1-2 activations); attention's
+# own traffic is added separately for the SABlock, from its N x N terms.
+
+BLOCK_PASSES = {
+    # The eager reference: every PyTorch op reads its inputs and writes its output.
+    ("CBlock", "reference"): [
+        ("dpe conv3x3x3", 1, 1), ("dpe + x", 2, 1), ("bn1 statistics", 1, 0), ("bn1 normalise", 1, 1),
+        ("conv1", 1, 1), ("dwconv5x5x5", 1, 1), ("conv2", 1, 1), ("+ residual", 2, 1),
+        ("bn2 statistics", 1, 0), ("bn2 normalise", 1, 1), ("fc1", 1, "R"), ("gelu", "R", "R"),
+        ("fc2", "R", 1), ("+ residual", 2, 1)],
+    # This project's fused path: residual fused into the DPE kernel, the Local MHRA tail
+    # (dwconv5 -> conv2 -> + x) one kernel reading the conv1 output and the residual stream.
+    ("CBlock", "fused"): [
+        ("dpe conv3x3x3 + x", 1, 1), ("bn1 statistics", 1, 0), ("bn1 normalise", 1, 1),
+        ("conv1", 1, 1), ("dwconv5 + conv2 + x", 2, 1),
+        ("bn2 statistics", 1, 0), ("bn2 normalise", 1, 1), ("fc1", 1, "R"), ("gelu", "R", "R"),
+        ("fc2", "R", 1), ("+ residual", 2, 1)],
+    ("SABlock", "reference"): [
+        ("dpe conv3x3x3", 1, 1), ("dpe + x", 2, 1), ("norm1", 1, 1), ("qkv", 1, 3),
+        ("proj", 1, 1), ("+ residual", 2, 1), ("norm2", 1, 1), ("fc1", 1, "R"), ("gelu", "R", "R"),
+        ("fc2", "R", 1), ("+ residual", 2, 1)],
+    # DPE kernel writes the residual stream and the LayerNorm output in one pass.
+    ("SABlock", "fused"): [
+        ("dpe conv3x3x3 + x, norm1", 1, 2), ("qkv", 1, 3),
+        ("proj", 1, 1), ("+ residual", 2, 1), ("norm2", 1, 1), ("fc1", 1, "R"), ("gelu", "R", "R"),
+        ("fc2", "R", 1), ("+ residual", 2, 1)],
+}
+
+
+def _attention_traffic(B, N, heads, C, e, path):
+    """Bytes of the attention core on packed qkv, forward."""
+    if path == "fused":  # flash-style: read qkv, write o and the float32 log-sum-exp
+        return B * N * 4 * C * e + B * heads * N * 4
+    # Explicit softmax: S = q k^T written, softmax reads S and writes P, P v reads P, and the
+    # head-merging transpose copies o once more.
+    nn = B * heads * N * N * e
+    return B * N * 3 * C * e + nn + 2 * nn + nn + B * N * C * e + 2 * B * N * C * e
+
+
+def block_traffic(kind, B, C, T, H, W, heads, *, e, path, mlp_ratio=4.0) -> Work:
+    """Forward bytes of one block as ``path`` ("reference", "fused") runs it, pass by pass."""
+    if path == "floor":
+        return Work([Pass(f"{kind} floor", 2 * B * C * T * H * W * e)])
+    M = B * T * H * W
+    wide = {"R": mlp_ratio}
+    passes = [Pass(name, (wide.get(r, r) + wide.get(w, w)) * M * C * e)
+              for name, r, w in BLOCK_PASSES[kind, path]]
+    if kind == "SABlock":
+        passes.append(Pass("attention", _attention_traffic(B, T * H * W, heads, C, e, path)))
+    return Work(passes)
+
+
+def block_traffic_table(B=8, frames=16, size=224, e=2, variant="uniformer_small") -> str:
+    """Markdown: per block kind and stage shape, forward bytes of the reference and the fused
+    path against the floor (read the block's input once, write its output once)."""
+    cfg = VARIANTS[variant]
+    rows = ["| block | stage | shape | reference MB | fused MB | floor MB | fused / reference | fused / floor |",
+            "|---|---|---|---|---|---|---|---|"]
+    for i, (b, C, T, H, W) in enumerate(stage_shapes(B, frames, size, cfg["embed_dim"])):
+        kind = "CBlock" if i < 2 else "SABlock"
+        heads = C // cfg["head_dim"]
+        ref, fused, floor = (block_traffic(kind, b, C, T, H, W, heads, e=e, path=p).bytes
+                             for p in ("reference", "fused", "floor"))
+        rows.append(f"| {kind} | {i + 1} | {b}x{C}x{T}x{H}x{W} | {ref / 1e6:.1f} | {fused / 1e6:.1f} | "
+                    f"{floor / 1e6:.1f} | {fused / ref:.2f} | {fused / floor:.1f}x |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(block_traffic_table())
