@@ -96,6 +96,34 @@ def dw_config(C: int) -> dict:
 
 
 @triton.jit
+def depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
+                   stride_xt, stride_xh, stride_xw,
+                   KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """float32 (BLOCK_P, BLOCK_C): the depthwise convolution, without bias, of the positions
+    (t, h, w) and channels c of one batch element (x_base; x_off the positions' offsets),
+    weights tap-major (KT*KH*KW, C) at w_ptr. Shared by every kernel that convolves a tile."""
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    # A runtime loop over the (kt, kh) rows of taps, unrolled only along kw: fully unrolled, the
+    # compiler hoists every tap's load ahead of the FMAs and runs out of registers (5x5x5).
+    for k in range(KT * KH):
+        dt = k // KH - KT // 2
+        dh = k % KH - KH // 2
+        ti = t + dt
+        hi = h + dh
+        m_th = p_mask & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < H)
+        row_off = x_off + (dt * stride_xt + dh * stride_xh)
+        for kw in tl.static_range(KW):
+            wi = w + (kw - KW // 2)
+            m = m_th & (wi >= 0) & (wi < W)
+            xv = tl.load(x_base + (row_off + (kw - KW // 2) * stride_xw)[:, None] + c[None, :],
+                         mask=m[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + (k * KW + kw) * C + c, mask=c_mask, other=0.0)
+            acc += xv * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def dwconv3d_fwd_kernel(
     x_ptr,  # (B, T, H, W, C) strided, unit channel stride
     w_ptr,  # (KT * KH * KW, C) contiguous
@@ -123,23 +151,8 @@ def dwconv3d_fwd_kernel(
     x_base = x_ptr + pid_b * stride_xb
     x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
 
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    # A runtime loop over the (kt, kh) rows of taps, unrolled only along kw: fully unrolled, the
-    # compiler hoists every tap's load ahead of the FMAs and runs out of registers (5x5x5).
-    for k in range(KT * KH):
-        dt = k // KH - KT // 2
-        dh = k % KH - KH // 2
-        ti = t + dt
-        hi = h + dh
-        m_th = p_mask & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < H)
-        row_off = x_off + (dt * stride_xt + dh * stride_xh)
-        for kw in tl.static_range(KW):
-            wi = w + (kw - KW // 2)
-            m = m_th & (wi >= 0) & (wi < W)
-            xv = tl.load(x_base + (row_off + (kw - KW // 2) * stride_xw)[:, None] + c[None, :],
-                         mask=m[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + (k * KW + kw) * C + c, mask=c_mask, other=0.0)
-            acc += xv * wv.to(tl.float32)[None, :]
+    acc = depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
+                         stride_xt, stride_xh, stride_xw, KT, KH, KW, BLOCK_P, BLOCK_C)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     mask = p_mask[:, None] & c_mask[None, :]

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .dwconv3d import depthwise_tile
 from .attention import dot_precision, matmul_kind
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -132,23 +133,9 @@ def local_mhra_tail_fwd_kernel(
     u_base = u_ptr + pid_b * stride_ub
     u_off = t.to(tl.int64) * stride_ut + h.to(tl.int64) * stride_uh + w.to(tl.int64) * stride_uw
 
-    # Depthwise convolution over all channels: a runtime loop over the (kt, kh) rows of taps,
-    # unrolled along kw only, so the compiler does not hoist every tap's load (registers).
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for k in range(KT * KH):
-        dt = k // KH - KT // 2
-        dh = k % KH - KH // 2
-        ti = t + dt
-        hi = h + dh
-        m_th = p_mask & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < H)
-        row_off = u_off + (dt * stride_ut + dh * stride_uh)
-        for kw in tl.static_range(KW):
-            wi = w + (kw - KW // 2)
-            m = m_th & (wi >= 0) & (wi < W)
-            uv = tl.load(u_base + (row_off + (kw - KW // 2) * stride_uw)[:, None] + c[None, :],
-                         mask=m[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-            wv = tl.load(taps_ptr + (k * KW + kw) * C + c, mask=c_mask, other=0.0)
-            acc += uv * wv.to(tl.float32)[None, :]
+    # Depthwise convolution over all channels, kept in registers for the projection.
+    acc = depthwise_tile(u_base, u_off, taps_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
+                         stride_ut, stride_uh, stride_uw, KT, KH, KW, BLOCK_P, BLOCK_C)
     if HAS_ATTN_BIAS:
         acc += tl.load(ab_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
 
