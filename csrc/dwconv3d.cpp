@@ -32,21 +32,20 @@ struct TapRow {
     const float* x;
     const float* w[2];
 };
-// hb (1 or 2) output rows h, h + 1 of one (b, t); y rows contiguous, x rows sxh apart (residual).
-using FwdRowFn = void (*)(int hb, int kw, const TapRow* rows, int nrows, long sxw, long C, int W,
-                          const float* bias, const float* xres, long sxh, float* yrow);
-// An output row's gy and the x row one (dt, dh) tap reads for it.
-struct WgradPair {
-    const float* x;   // x at (b, t + dt - pt, h + dh - ph, w = 0, c = 0), W stride sxw
-    const float* gy;  // gy at (b, t, h, w = 0, c = 0), contiguous (W, C)
-};
-using WgradTapFn = void (*)(int kw, const WgradPair* pairs, int npairs, long sxw, long C, int W,
-                            long c0, long c1, float* dwrow);
+// hb (1 or 2) output rows h, h + 1 of one (b, t), channels [c0, c1); y rows contiguous, x rows sxh
+// apart (residual).
+using FwdRowFn = void (*)(int hb, int kw, const TapRow* rows, int nrows, long sxw, long C, int W, long c0,
+                          long c1, const float* bias, const float* xres, long sxh, float* yrow);
+// Weight-gradient contribution of hb gy rows (gr[o], contiguous (W, C)) read against the x rows
+// of their taps (xrows: kt * (kh + hb - 1) pointers, null outside the input), channels [c0, c1),
+// added to dw (kt*kh*kw, C).
+using WgradRowFn = void (*)(int hb, int kw, const float* const* xrows, const float* const* gr, int kt, int kh,
+                            long sxw, long C, int W, long c0, long c1, float* dw);
 using BgradRowFn = void (*)(const float* grow, long C, int W, long c0, long c1, float* db);
 
 struct RowKernels {
     FwdRowFn fwd_row;
-    WgradTapFn wgrad_tap;
+    WgradRowFn wgrad_rows;
     BgradRowFn bgrad_row;
 };
 
@@ -232,46 +231,68 @@ void dwconv3d_fwd(std::uintptr_t x_p, std::uintptr_t w_p, std::uintptr_t bias_p,
         TapRow rows[7 * 8];
         const int n = tap_rows(s, x, sxb, sxt, sxh, wt, b, t, h, hb, rows);
         const float* xres = residual ? x + b * sxb + t * sxt + h * sxh : nullptr;
-        k->fwd_row(hb, kw, rows, n, sxw, C, (int)W, bias, xres, sxh, y + ((bt * H) + h) * W * C);
+        k->fwd_row(hb, kw, rows, n, sxw, C, (int)W, 0, C, bias, xres, sxh, y + ((bt * H) + h) * W * C);
     }
 }
 
-// Weight and bias gradients:
-//   dweight[c, tap] = sum_{b,t,h,w} gy[b, t, h, w, c] * x[b, t + dt - pt, h + dh - ph, w + dw - pw, c]
-//   db[c]       = sum_{b,t,h,w} gy[b, t, h, w, c]
-// x: (B, T, H, W, C) strides (sxb, sxt, sxh, sxw, 1); gy: (B, T, H, W, C) contiguous;
-// dweight: (C, 1, kt, kh, kw) contiguous and db: (C,) or 0, both overwritten.
-// The output rows are cut into chunks that depend on the shape only; each chunk's partial sums go
-// to its own buffer, and the buffers are added in chunk order, so the result is bitwise the same
+// The backward in one pass over gy and x:
+//   dx[b, t, h, w, c] = sum_taps weight[c, tap] * gy[b, t - dt + pt, h - dh + ph, w - dw + pw, c]
+//                       (+ gy[b, t, h, w, c] if residual)          (if dx is requested)
+//   dweight[c, tap]   = sum_{b,t,h,w} gy[b, t, h, w, c] * x[b, t + dt - pt, h + dh - ph, w + dw - pw, c]
+//   db[c]             = sum_{b,t,h,w} gy[b, t, h, w, c]             (if db is requested)
+// x: (B, T, H, W, C) strides (sxb, sxt, sxh, sxw, 1); gy, dx: (B, T, H, W, C) contiguous; weight
+// (C, 1, kt, kh, kw) strides (swc, swt, swh, sww); dweight (C, 1, kt, kh, kw) contiguous and db (C,)
+// are overwritten.
+// Two passes in one parallel region: dx (the forward's row kernel on gy with the reflected
+// weights, per output-row pair), then the weight gradient, whose work unit is a chunk of output-row
+// pairs times a block of channels with its own partial sums. (Interleaving the two per row pair
+// measured slower: the gy and x row windows together overflow L2 for 5x5x5.) The chunks depend on
+// the shape only and the partials are added in chunk order, so every output is bitwise the same
 // for any thread count.
-void dwconv3d_bwd_weight(std::uintptr_t x_p, std::uintptr_t gy_p, std::uintptr_t dw_p, std::uintptr_t db_p,
-                         long B, long C, long T, long H, long W, int kt, int kh, int kw,
-                         long sxb, long sxt, long sxh, long sxw, long threads) {
+void dwconv3d_bwd(std::uintptr_t x_p, std::uintptr_t gy_p, std::uintptr_t w_p, std::uintptr_t dx_p,
+                  std::uintptr_t dw_p, std::uintptr_t db_p, long B, long C, long T, long H, long W,
+                  int kt, int kh, int kw, long sxb, long sxt, long sxh, long sxw,
+                  long swc, long swt, long swh, long sww, bool residual, long threads) {
     const Shape s = make_shape(B, C, T, H, W, kt, kh, kw);
     const float* x = fptr(x_p);
     const float* gy = fptr(gy_p);
+    float* dx = mptr(dx_p);
     float* dweight = mptr(dw_p);
     float* db = mptr(db_p);
     const RowKernels* k = g_isa->kernels;
     const long K = s.K();
-    const long nrow = B * T * H;
+    const long sgh = W * C, sgt = H * sgh, sgb = T * sgt;  // gy is dense
+    const long hpairs = (H + 1) / 2, npair = B * T * hpairs;
     const long per_chunk = K * C + C;  // partial dW then partial db
-    // At most 32 row chunks and about 64 MiB of partial sums; never fewer than one row per chunk.
+    // Scratch reused between calls: the reflected weights (if dx) and the chunks' partial sums.
+    // At most 32 chunks and about 64 MiB of partial sums; chunks of at least ~4M multiply-adds
+    // (so small shapes do not pay for many partial buffers); the channel blocks still feed the
+    // threads when there are few chunks.
     const long cap = std::max(1L, (64L << 20) / (4 * per_chunk));
-    // Row chunks of at least ~4M multiply-adds, so small shapes do not pay for many partial buffers;
-    // the work units are (row chunk, block of 64 channels), so a few chunks still feed the threads.
-    // Each partial-sum element is written by one unit, in a fixed order.
-    const long work = std::max(1L, nrow * W * C * K >> 22);
-    const long nchunk = std::max(1L, std::min({nrow, 32L, cap, work}));
+    const long work = std::max(1L, B * T * H * W * C * K >> 22);
+    const long nchunk = std::max(1L, std::min({npair, 32L, cap, work}));
     const long CB = 64, ncb = (C + CB - 1) / CB, nunit = nchunk * ncb;
-    // Partial sums live in a per-calling-thread scratch that is reused between calls.
     static thread_local std::vector<float> scratch;
-    if (scratch.size() < (size_t)(nchunk * per_chunk)) scratch.resize((size_t)(nchunk * per_chunk));
+    const size_t need = (size_t)(nchunk * per_chunk + (dx ? K * C : 0));
+    if (scratch.size() < need) scratch.resize(need);
     float* part = scratch.data();
-    const int nthreads = clamp_threads(std::min({threads, nunit, (nrow * W * C * K) >> 18}));
+    float* wt = part + nchunk * per_chunk;
+    if (dx) taps_by_channel(s, fptr(w_p), swc, swt, swh, sww, true, wt);
+    const int nthreads = clamp_threads(std::min({threads, nunit, (B * T * H * W * C * K * (dx ? 2 : 1)) >> 18}));
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<WgradPair> pairs;
+        if (dx) {
+#pragma omp for schedule(static)
+            for (long pair = 0; pair < npair; ++pair) {
+                const long h = 2 * (pair % hpairs), bt = pair / hpairs, t = bt % T, b = bt / T;
+                const int hb = h + 1 < H ? 2 : 1;
+                const float* grow = gy + (bt * H + h) * sgh;
+                TapRow rows[7 * 8];
+                const int n = tap_rows(s, gy, sgb, sgt, sgh, wt, b, t, h, hb, rows);
+                k->fwd_row(hb, kw, rows, n, C, C, (int)W, 0, C, nullptr, residual ? grow : nullptr, sgh,
+                           dx + (bt * H + h) * sgh);
+            }
+        }
 #pragma omp for schedule(dynamic, 1)
         for (long unit = 0; unit < nunit; ++unit) {
             const long ch = unit / ncb, c0 = (unit % ncb) * CB, c1 = std::min(C, c0 + CB);
@@ -279,25 +300,25 @@ void dwconv3d_bwd_weight(std::uintptr_t x_p, std::uintptr_t gy_p, std::uintptr_t
             float* pdb = pdw + K * C;
             for (long tap = 0; tap <= K; ++tap)  // this unit's channels of every tap row, then of db
                 std::fill(pdw + tap * C + c0, pdw + tap * C + c1, 0.0f);
-            const long r0 = nrow * ch / nchunk, r1 = nrow * (ch + 1) / nchunk;
-            pairs.resize((size_t)(r1 - r0));
-            for (int dt = 0; dt < kt; ++dt)
-                for (int dh = 0; dh < kh; ++dh) {
-                    int n = 0;
-                    for (long row = r0; row < r1; ++row) {
-                        const long h = row % H, t = (row / H) % T, b = row / (H * T);
-                        const long ti = t + dt - kt / 2, hi = h + dh - kh / 2;
-                        if (ti < 0 || ti >= T || hi < 0 || hi >= H) continue;
-                        pairs[n].x = x + b * sxb + ti * sxt + hi * sxh;
-                        pairs[n].gy = gy + row * W * C;
-                        ++n;
+            for (long pair = npair * ch / nchunk; pair < npair * (ch + 1) / nchunk; ++pair) {
+                const long h = 2 * (pair % hpairs), bt = pair / hpairs, t = bt % T, b = bt / T;
+                const int hb = h + 1 < H ? 2 : 1;
+                const float* grow = gy + (bt * H + h) * sgh;
+                const float* xrows[7 * 8];
+                const int span = kh + hb - 1;
+                for (int dt = 0; dt < kt; ++dt) {
+                    const long ti = t + dt - kt / 2;
+                    for (int i = 0; i < span; ++i) {
+                        const long hi = h - kh / 2 + i;
+                        xrows[dt * span + i] = (ti < 0 || ti >= T || hi < 0 || hi >= H)
+                                                   ? nullptr : x + b * sxb + ti * sxt + hi * sxh;
                     }
-                    if (n)
-                        k->wgrad_tap(kw, pairs.data(), n, sxw, C, (int)W, c0, c1,
-                                     pdw + (long)((dt * kh + dh) * kw) * C);
                 }
-            if (db)
-                for (long row = r0; row < r1; ++row) k->bgrad_row(gy + row * W * C, C, (int)W, c0, c1, pdb);
+                const float* gr[2] = {grow, grow + sgh};
+                k->wgrad_rows(hb, kw, xrows, gr, kt, kh, sxw, C, (int)W, c0, c1, pdw);
+                if (db)
+                    for (int o = 0; o < hb; ++o) k->bgrad_row(gr[o], C, (int)W, c0, c1, pdb);
+            }
         }
         // Fixed-order sum over chunks; each output element is owned by one thread.
         const long nout = db ? per_chunk : K * C;
@@ -335,13 +356,16 @@ PYBIND11_MODULE(_C, m) {
           "y (B,T,H,W,C) contiguous = depthwise conv of x (B,T,H,W,C; strides sxb..sxw, unit C "
           "stride) with weight (C,1,kt,kh,kw; strides swc..sww; reflected if flip) + bias (C,; "
           "stride sbc) or 0 (+ x if residual).");
-    m.def("dwconv3d_bwd_weight", &dwconv3d_bwd_weight, py::call_guard<py::gil_scoped_release>(),
-          py::arg("x"), py::arg("grad_y"), py::arg("grad_weight"), py::arg("grad_bias"),
-          py::arg("B"), py::arg("C"), py::arg("T"), py::arg("H"), py::arg("W"),
+    m.def("dwconv3d_bwd", &dwconv3d_bwd, py::call_guard<py::gil_scoped_release>(),
+          py::arg("x"), py::arg("grad_y"), py::arg("weight"), py::arg("grad_x"), py::arg("grad_weight"),
+          py::arg("grad_bias"), py::arg("B"), py::arg("C"), py::arg("T"), py::arg("H"), py::arg("W"),
           py::arg("kt"), py::arg("kh"), py::arg("kw"),
-          py::arg("sxb"), py::arg("sxt"), py::arg("sxh"), py::arg("sxw"), py::arg("threads"),
-          "grad_weight (C,1,kt,kh,kw contiguous) and grad_bias (C,) or 0 from x (strided) and grad_y "
-          "(B,T,H,W,C contiguous); bitwise the same for any thread count.");
+          py::arg("sxb"), py::arg("sxt"), py::arg("sxh"), py::arg("sxw"),
+          py::arg("swc"), py::arg("swt"), py::arg("swh"), py::arg("sww"), py::arg("residual"), py::arg("threads"),
+          "One pass: grad_x (B,T,H,W,C contiguous; 0 to skip; + grad_y if residual), grad_weight "
+          "(C,1,kt,kh,kw contiguous) and grad_bias (C,; 0 to skip) from x (strided, unit C stride), "
+          "grad_y (B,T,H,W,C contiguous) and weight (strides swc..sww); bitwise the same for any "
+          "thread count.");
     m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
     m.def("supported_isas", &supported_isas, "Instruction sets this CPU can run, best first.");
     m.def("set_isa", &set_isa, py::arg("name"), "Select the kernels' instruction set; returns the previous one.");

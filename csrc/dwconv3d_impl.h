@@ -36,10 +36,12 @@ template <> struct Lanes<float> {
 // every output row it is a tap of (TapRow::w[i] non-null), which cuts the input traffic by a
 // third for 3-tall kernels; each output's sum runs over its taps in the same (dt, dh, dw) order
 // as with HB = 1. CHECK: some taps fall outside [0, W) (the row's ends, or W small); they read
-// zero, exactly the zero padding, so the block keeps WB independent accumulator chains.
+// zero, exactly the zero padding, so the block keeps WB independent accumulator chains. Only the
+// first n (<= WB) columns are stored: a row's last block may hang over its end (W = 7 is one
+// 8-column block, not 4 + 2 + 1 that each reload the taps).
 template <class V, int KW, int WB, bool CHECK, int HB>
 static UF_INLINE void fwd_block(const TapRow* rows, int nrows, long sxw, long C, int W, long c, int w0,
-                                const float* bias, const float* xres, long sxh, float* yrow) {
+                                const float* bias, const float* xres, long sxh, float* yrow, int n = WB) {
     using L = Lanes<V>;
     constexpr int pw = KW / 2;
     V acc[HB][WB];
@@ -64,13 +66,14 @@ static UF_INLINE void fwd_block(const TapRow* rows, int nrows, long sxw, long C,
     }
     for (int o = 0; o < HB; ++o)
         for (int j = 0; j < WB; ++j) {
+            if (j >= n) break;
             if (xres) acc[o][j] += L::load(xres + o * sxh + (long)(w0 + j) * sxw + c);
             L::store(yrow + o * W * C + (long)(w0 + j) * C + c, acc[o][j]);
         }
 }
 
 // HB output rows (all W columns) for channels [c, c + lanes): unchecked blocks where every tap is
-// inside the row, checked blocks of WB, 4, 2, 1 at the ends.
+// inside the row, checked blocks at the ends, the last one cut to the row's end.
 template <class V, int KW, int HB>
 static UF_INLINE void fwd_rows_lanes(const TapRow* rows, int nrows, long sxw, long C, int W, long c,
                                      const float* bias, const float* xres, long sxh, float* yrow) {
@@ -80,114 +83,146 @@ static UF_INLINE void fwd_rows_lanes(const TapRow* rows, int nrows, long sxw, lo
     int w = 0;
     if (W >= WB) { fwd_block<V, KW, WB, true, HB>(rows, nrows, sxw, C, W, c, 0, bias, xres, sxh, yrow); w = WB; }
     for (; w + WB + pw <= W; w += WB) fwd_block<V, KW, WB, false, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow);
-    if (WB == 8 && w + 8 <= W) { fwd_block<V, KW, 8, true, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow); w += 8; }
-    if (w + 4 <= W) { fwd_block<V, KW, 4, true, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow); w += 4; }
-    if (w + 4 <= W) { fwd_block<V, KW, 4, true, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow); w += 4; }
-    if (w + 2 <= W) { fwd_block<V, KW, 2, true, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow); w += 2; }
-    if (w + 1 <= W) { fwd_block<V, KW, 1, true, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow); w += 1; }
+    while (w < W) {
+        const int r = W - w;
+        int n;
+        if (WB == 8 && r > 4) { n = std::min(r, 8); fwd_block<V, KW, 8, true, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow, n); }
+        else if (r > 2) { n = std::min(r, 4); fwd_block<V, KW, 4, true, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow, n); }
+        else { n = r; fwd_block<V, KW, 2, true, HB>(rows, nrows, sxw, C, W, c, w, bias, xres, sxh, yrow, n); }
+        w += n;
+    }
 }
 
-// HB output rows, all channels: channel vectors outermost so one vector's weights stay in L1 while
-// the W loop streams the input rows; leftover channels (C % lanes) run one at a time.
+// HB output rows, channels [c0, c1): channel vectors outermost so one vector's weights stay in L1
+// while the W loop streams the input rows; leftover channels (c1 - c0 % lanes) run one at a time.
 template <int KW, int HB>
-static void fwd_rows_t(const TapRow* rows, int nrows, long sxw, long C, int W,
+static void fwd_rows_t(const TapRow* rows, int nrows, long sxw, long C, int W, long c0, long c1,
                        const float* bias, const float* xres, long sxh, float* yrow) {
-    long c = 0;
-    for (; c + UF_VLEN <= C; c += UF_VLEN)
+    long c = c0;
+    for (; c + UF_VLEN <= c1; c += UF_VLEN)
         fwd_rows_lanes<vec_t, KW, HB>(rows, nrows, sxw, C, W, c, bias, xres, sxh, yrow);
-    for (; c < C; ++c) fwd_rows_lanes<float, KW, HB>(rows, nrows, sxw, C, W, c, bias, xres, sxh, yrow);
+    for (; c < c1; ++c) fwd_rows_lanes<float, KW, HB>(rows, nrows, sxw, C, W, c, bias, xres, sxh, yrow);
 }
 
 template <int HB>
-static void fwd_rows_hb(int kw, const TapRow* rows, int nrows, long sxw, long C, int W,
+static void fwd_rows_hb(int kw, const TapRow* rows, int nrows, long sxw, long C, int W, long c0, long c1,
                         const float* bias, const float* xres, long sxh, float* yrow) {
     switch (kw) {
-        case 1: fwd_rows_t<1, HB>(rows, nrows, sxw, C, W, bias, xres, sxh, yrow); break;
-        case 3: fwd_rows_t<3, HB>(rows, nrows, sxw, C, W, bias, xres, sxh, yrow); break;
-        case 5: fwd_rows_t<5, HB>(rows, nrows, sxw, C, W, bias, xres, sxh, yrow); break;
-        default: fwd_rows_t<7, HB>(rows, nrows, sxw, C, W, bias, xres, sxh, yrow); break;
+        case 1: fwd_rows_t<1, HB>(rows, nrows, sxw, C, W, c0, c1, bias, xres, sxh, yrow); break;
+        case 3: fwd_rows_t<3, HB>(rows, nrows, sxw, C, W, c0, c1, bias, xres, sxh, yrow); break;
+        case 5: fwd_rows_t<5, HB>(rows, nrows, sxw, C, W, c0, c1, bias, xres, sxh, yrow); break;
+        default: fwd_rows_t<7, HB>(rows, nrows, sxw, C, W, c0, c1, bias, xres, sxh, yrow); break;
     }
 }
 
-static void fwd_rows(int hb, int kw, const TapRow* rows, int nrows, long sxw, long C, int W,
+static void fwd_rows(int hb, int kw, const TapRow* rows, int nrows, long sxw, long C, int W, long c0, long c1,
                      const float* bias, const float* xres, long sxh, float* yrow) {
-    if (hb == 2) fwd_rows_hb<2>(kw, rows, nrows, sxw, C, W, bias, xres, sxh, yrow);
-    else fwd_rows_hb<1>(kw, rows, nrows, sxw, C, W, bias, xres, sxh, yrow);
+    if (hb == 2) fwd_rows_hb<2>(kw, rows, nrows, sxw, C, W, c0, c1, bias, xres, sxh, yrow);
+    else fwd_rows_hb<1>(kw, rows, nrows, sxw, C, W, c0, c1, bias, xres, sxh, yrow);
 }
 
-// Weight-gradient contribution of WB consecutive columns w0 .. w0 + WB - 1 of one (gy row, x row)
-// pair: acc[.][dw] += gy[w] * x[w + dw - pw]; columns are spread over accumulators so the
-// FMA chains overlap (NA accumulators per dw, column j going to j % NA). CHECK: x outside [0, W) reads zero (the padding).
-template <class V, int KW, int WB, bool CHECK, int NA>
-static UF_INLINE void wgrad_block(const float* xrow, long sxw, const float* grow, long C, int W, long c, int w0,
-                                  V (*acc)[KW]) {
+// The weight gradient, organised like the forward: the work item is HB gy rows (h, h + 1 of one
+// (b, t)), and for each dt the x rows h - ph .. h + HB - 1 + ph that their taps read. A group of NH
+// kernel rows dh0 .. dh0 + NH - 1 keeps its NH * KW tap sums in registers over the whole W sweep:
+// each gy vector loaded feeds NH * KW taps and each x vector up to HB * KW, so the loop does
+// ~2 FMAs per load instead of ~1 for a sweep per tap row.
+//
+// Register budget (vectors): NH * KW sums + HB * WB gy + WB + KW - 1 x.
+template <int KW> struct WgradTile {
+    // Measured (AVX-512, 1 thread, UniFormer-S stage shapes): 3 rows x 2 columns for 3x3x3 and
+    // 2 x 2 for 5x5x5 beat wider blocks; spills and FMA-latency chains cost more than the loads saved.
+    static constexpr int NH = KW <= 3 ? 3 : 2;               // kernel rows per group
+    static constexpr int WB = KW == 1 && UF_VLEN >= 16 ? 4 : 2;  // columns per block
+};
+
+// Columns w0 .. w0 + WB - 1: sums[dh][d] += gy[o][w] * x[row o + dh][w + d - pw] for the group's
+// nh (<= NH) kernel rows. xr[i] is the x row of (o + dh) == i, i < nh + HB - 1 (null: outside the
+// input, reads nothing); gr[o] the gy rows (W, C) contiguous. CHECK: x columns outside [0, W) read
+// zero (the padding).
+template <class V, int KW, int NH, int HB, int WB, bool CHECK>
+static UF_INLINE void wgrad_block(const float* const* xr, const float* const* gr, long sxw, long C, int W,
+                                  long c, int w0, int nh, V (*sums)[KW]) {
     using L = Lanes<V>;
     constexpr int pw = KW / 2;
-    V g[WB], xv[WB + KW - 1];
-    for (int j = 0; j < WB; ++j) g[j] = L::load(grow + (long)(w0 + j) * C + c);
-    for (int i = 0; i < WB + KW - 1; ++i) {
-        const long wi = (long)w0 - pw + i;
-        xv[i] = (!CHECK || (unsigned long)wi < (unsigned long)W) ? L::load(xrow + wi * sxw + c) : L::zero();
+    V g[HB][WB];
+    for (int o = 0; o < HB; ++o)
+        for (int j = 0; j < WB; ++j) g[o][j] = L::load(gr[o] + (long)(w0 + j) * C + c);
+    for (int i = 0; i < NH + HB - 1; ++i) {
+        if (i >= nh + HB - 1 || !xr[i]) continue;  // a short last group has fewer rows
+        V xv[WB + KW - 1];
+        for (int q = 0; q < WB + KW - 1; ++q) {
+            const long wi = (long)w0 - pw + q;
+            xv[q] = (!CHECK || (unsigned long)wi < (unsigned long)W) ? L::load(xr[i] + wi * sxw + c) : L::zero();
+        }
+        for (int o = 0; o < HB; ++o) {
+            const int dh = i - o;
+            if (dh < 0 || dh >= NH || dh >= nh) continue;
+            for (int d = 0; d < KW; ++d)
+                for (int j = 0; j < WB; ++j) sums[dh][d] += g[o][j] * xv[j + d];
+        }
     }
-    for (int d = 0; d < KW; ++d)
-        for (int j = 0; j < WB; ++j) acc[j % NA][d] += g[j] * xv[j + d];
 }
 
-// Weight gradient of one (dt, dh) tap over a list of (x row, gy row) pairs (the output rows of one
-// chunk where that tap is inside the input), channels [c, c + lanes):
-//   dwrow[dw, c] += sum_pairs sum_w gy[w, c] * x[w + dw - pw, c]
-// The kw sums stay in registers over all the pairs; one store per chunk and tap.
-template <class V, int KW>
-static UF_INLINE void wgrad_lanes(const WgradPair* pairs, int npairs, long sxw, long C, int W, long c,
-                                  float* dwrow) {
+// One group over all W columns (unchecked blocks where every tap is inside the row), then
+// dwp[dh, d, c] += sums[dh][d]; dwp is the partial weight gradient at tap (dt, dh0, 0), rows of C.
+template <class V, int KW, int NH, int HB>
+static UF_INLINE void wgrad_group(const float* const* xr, const float* const* gr, long sxw, long C, int W,
+                                  long c, int nh, float* dwp) {
     using L = Lanes<V>;
-    constexpr int pw = KW / 2;
-    // Enough independent chains to cover the FMA latency without running out of registers.
-    constexpr int NA = KW <= 3 ? 4 : 2;
-    V acc[NA][KW];
-    for (int a = 0; a < NA; ++a)
-        for (int d = 0; d < KW; ++d) acc[a][d] = L::zero();
-    for (int p = 0; p < npairs; ++p) {
-        const float* xrow = pairs[p].x;
-        const float* grow = pairs[p].gy;
-        int w = 0;
-        if (W >= 4) { wgrad_block<V, KW, 4, true, NA>(xrow, sxw, grow, C, W, c, 0, acc); w = 4; }
-        for (; w + 4 + pw <= W; w += 4) wgrad_block<V, KW, 4, false, NA>(xrow, sxw, grow, C, W, c, w, acc);
-        for (; w + 4 <= W; w += 4) wgrad_block<V, KW, 4, true, NA>(xrow, sxw, grow, C, W, c, w, acc);
-        for (; w < W; ++w) wgrad_block<V, KW, 1, true, NA>(xrow, sxw, grow, C, W, c, w, acc);
-    }
-    for (int d = 0; d < KW; ++d) {
-        float* p = dwrow + (long)d * C + c;
-        V sum = acc[0][d];
-        for (int a = 1; a < NA; ++a) sum += acc[a][d];
-        L::store(p, L::load(p) + sum);
-    }
+    constexpr int pw = KW / 2, WB = WgradTile<KW>::WB;
+    V sums[NH][KW];
+    for (int dh = 0; dh < NH; ++dh)
+        for (int d = 0; d < KW; ++d) sums[dh][d] = L::zero();
+    int w = 0;
+    for (; w < pw && w + WB <= W; w += WB) wgrad_block<V, KW, NH, HB, WB, true>(xr, gr, sxw, C, W, c, w, nh, sums);
+    for (; w + WB + pw <= W; w += WB) wgrad_block<V, KW, NH, HB, WB, false>(xr, gr, sxw, C, W, c, w, nh, sums);
+    for (; w + WB <= W; w += WB) wgrad_block<V, KW, NH, HB, WB, true>(xr, gr, sxw, C, W, c, w, nh, sums);
+    if (WB > 2 && w + 2 <= W) { wgrad_block<V, KW, NH, HB, 2, true>(xr, gr, sxw, C, W, c, w, nh, sums); w += 2; }
+    for (; w < W; ++w) wgrad_block<V, KW, NH, HB, 1, true>(xr, gr, sxw, C, W, c, w, nh, sums);
+    for (int dh = 0; dh < nh; ++dh)
+        for (int d = 0; d < KW; ++d) {
+            float* p = dwp + (long)(dh * KW + d) * C + c;
+            L::store(p, L::load(p) + sums[dh][d]);
+        }
 }
 
-// Pairs go in groups whose gy and x rows (channels [c0, c1)) fit in L1 together (~24 KiB), each
-// group swept once per channel vector: the register sums cover several short rows (small W).
-template <int KW>
-static void wgrad_tap_t(const WgradPair* pairs, int npairs, long sxw, long C, int W, long c0, long c1,
-                        float* dwrow) {
-    const long row_bytes = 2L * W * (c1 - c0) * (long)sizeof(float);
-    const int group = (int)std::max(1L, std::min((long)npairs, (24L << 10) / row_bytes));
-    for (int p0 = 0; p0 < npairs; p0 += group) {
-        const int n = std::min(group, npairs - p0);
-        long c = c0;
-        for (; c + UF_VLEN <= c1; c += UF_VLEN) wgrad_lanes<vec_t, KW>(pairs + p0, n, sxw, C, W, c, dwrow);
-        for (; c < c1; ++c) wgrad_lanes<float, KW>(pairs + p0, n, sxw, C, W, c, dwrow);
-    }
+// The weight-gradient contribution of HB gy rows, channels [c0, c1), added to dw (kt*kh*kw, C):
+//   dw[dt, dh, d, c] += sum_o sum_w gy[o][w, c] * x[t + dt - pt, h + o + dh - ph, w + d - pw, c]
+// xrows: kt * (kh + HB - 1) row pointers, dt-major, x row h - ph + i at [dt * (kh + HB - 1) + i],
+// null where outside the input.
+template <int KW, int HB>
+static void wgrad_rows_t(const float* const* xrows, const float* const* gr, int kt, int kh, long sxw, long C,
+                         int W, long c0, long c1, float* dw) {
+    constexpr int NH = WgradTile<KW>::NH;
+    const int span = kh + HB - 1;
+    long c = c0;
+    for (; c + UF_VLEN <= c1; c += UF_VLEN)
+        for (int dt = 0; dt < kt; ++dt)
+            for (int dh0 = 0; dh0 < kh; dh0 += NH)
+                wgrad_group<vec_t, KW, NH, HB>(xrows + dt * span + dh0, gr, sxw, C, W, c, std::min(NH, kh - dh0),
+                                               dw + (long)((dt * kh + dh0) * KW) * C);
+    for (; c < c1; ++c)
+        for (int dt = 0; dt < kt; ++dt)
+            for (int dh0 = 0; dh0 < kh; dh0 += NH)
+                wgrad_group<float, KW, NH, HB>(xrows + dt * span + dh0, gr, sxw, C, W, c, std::min(NH, kh - dh0),
+                                               dw + (long)((dt * kh + dh0) * KW) * C);
 }
 
-// Channels [c0, c1) of one tap row's weight gradient; see wgrad_lanes.
-static void wgrad_tap(int kw, const WgradPair* pairs, int npairs, long sxw, long C, int W, long c0, long c1,
-                      float* dwrow) {
+template <int HB>
+static void wgrad_rows_hb(int kw, const float* const* xrows, const float* const* gr, int kt, int kh, long sxw,
+                          long C, int W, long c0, long c1, float* dw) {
     switch (kw) {
-        case 1: wgrad_tap_t<1>(pairs, npairs, sxw, C, W, c0, c1, dwrow); break;
-        case 3: wgrad_tap_t<3>(pairs, npairs, sxw, C, W, c0, c1, dwrow); break;
-        case 5: wgrad_tap_t<5>(pairs, npairs, sxw, C, W, c0, c1, dwrow); break;
-        default: wgrad_tap_t<7>(pairs, npairs, sxw, C, W, c0, c1, dwrow); break;
+        case 1: wgrad_rows_t<1, HB>(xrows, gr, kt, kh, sxw, C, W, c0, c1, dw); break;
+        case 3: wgrad_rows_t<3, HB>(xrows, gr, kt, kh, sxw, C, W, c0, c1, dw); break;
+        case 5: wgrad_rows_t<5, HB>(xrows, gr, kt, kh, sxw, C, W, c0, c1, dw); break;
+        default: wgrad_rows_t<7, HB>(xrows, gr, kt, kh, sxw, C, W, c0, c1, dw); break;
     }
+}
+
+static void wgrad_rows(int hb, int kw, const float* const* xrows, const float* const* gr, int kt, int kh,
+                       long sxw, long C, int W, long c0, long c1, float* dw) {
+    if (hb == 2) wgrad_rows_hb<2>(kw, xrows, gr, kt, kh, sxw, C, W, c0, c1, dw);
+    else wgrad_rows_hb<1>(kw, xrows, gr, kt, kh, sxw, C, W, c0, c1, dw);
 }
 
 // Bias gradient of one gy row, channels [c0, c1): db[c] += sum_w gy[w, c], two interleaved accumulators.
@@ -210,4 +245,4 @@ static void bgrad_row(const float* grow, long C, int W, long c0, long c1, float*
     for (; c < c1; ++c) bgrad_lanes<float>(grow, C, W, c, db);
 }
 
-static const RowKernels kernels = {fwd_rows, wgrad_tap, bgrad_row};
+static const RowKernels kernels = {fwd_rows, wgrad_rows, bgrad_row};

@@ -30,7 +30,8 @@ def dwconv_cases():
     return [
         pytest.param("dwconv3d_cpp_fwd", (x, w, b, True, False), marks=needs_cpp, id="cpp_fwd"),
         pytest.param("dwconv3d_cpp_fwd", (gy, w, None, False, True), marks=needs_cpp, id="cpp_fwd_flip"),
-        pytest.param("dwconv3d_cpp_bwd_weight", (x, gy, [3, 3, 3]), marks=needs_cpp, id="cpp_bwd_weight"),
+        pytest.param("dwconv3d_cpp_bwd", (x, gy, w, True, True), marks=needs_cpp, id="cpp_bwd"),
+        pytest.param("dwconv3d_cpp_bwd", (x, gy, w, False, False), marks=needs_cpp, id="cpp_bwd_weight_only"),
         pytest.param("dwconv3d_triton_fwd", (x, taps, b, True, [3, 3, 3]), marks=needs_triton, id="triton_fwd"),
         pytest.param("dwconv3d_triton_bwd_dw", (x, gy, [3, 3, 3]), marks=needs_triton, id="triton_bwd_dw"),
     ]

@@ -123,23 +123,31 @@ def _(x, weight, bias, residual, flip):
     return _empty_channels_last(x)
 
 
-@torch.library.custom_op("uniformer_fast::dwconv3d_cpp_bwd_weight", mutates_args=())
-def dwconv3d_cpp_bwd_weight(x: torch.Tensor, grad_y: torch.Tensor,
-                            kernel_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dweight (C, 1, kt, kh, kw), dbias (C,)) in x's dtype; x with unit channel stride, grad_y
-    dense channels_last_3d. Reduced in a fixed order: the same bits for any thread count."""
+@torch.library.custom_op("uniformer_fast::dwconv3d_cpp_bwd", mutates_args=())
+def dwconv3d_cpp_bwd(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, residual: bool,
+                     need_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight (C, 1, kt, kh, kw), dbias (C,)) in one call; x with unit channel stride, grad_y
+    dense channels_last_3d, weight read through its strides. dx (dense channels_last_3d,
+    ``+ grad_y`` if ``residual``) only if ``need_x``, else an empty (0,) tensor. Reduced in a fixed
+    order: the same bits for any thread count."""
     B, C, T, H, W = x.shape
+    kernel_size = weight.shape[2:]
+    dx = _empty_channels_last(x) if need_x else x.new_empty(0)
     dw = x.new_empty((C, 1, *kernel_size))
     db = x.new_empty(C)
     sb, _, st, sh, sw = x.stride()
-    _cpp.dwconv3d_bwd_weight(x.data_ptr(), grad_y.data_ptr(), dw.data_ptr(), db.data_ptr(),
-                             B, C, T, H, W, *kernel_size, sb, st, sh, sw, torch.get_num_threads())
-    return dw, db
+    wc, _, wt, wh, ww = weight.stride()
+    _cpp.dwconv3d_bwd(x.data_ptr(), grad_y.data_ptr(), weight.data_ptr(), dx.data_ptr() if need_x else 0,
+                      dw.data_ptr(), db.data_ptr(), B, C, T, H, W, *kernel_size, sb, st, sh, sw,
+                      wc, wt, wh, ww, residual, torch.get_num_threads())
+    return dx, dw, db
 
 
-@dwconv3d_cpp_bwd_weight.register_fake
-def _(x, grad_y, kernel_size):
-    return x.new_empty((x.shape[1], 1, *kernel_size)), x.new_empty(x.shape[1])
+@dwconv3d_cpp_bwd.register_fake
+def _(x, grad_y, weight, residual, need_x):
+    C = x.shape[1]
+    dx = _empty_channels_last(x) if need_x else x.new_empty(0)
+    return dx, x.new_empty((C, 1, *weight.shape[2:])), x.new_empty(C)
 
 
 class _DWConv3dCpp(torch.autograd.Function):
@@ -156,14 +164,16 @@ class _DWConv3dCpp(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         gy = grad_y.contiguous(memory_format=torch.channels_last_3d)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # dx = conv(gy, reflected weight) (+ gy)
+        if need_w or need_b:  # dx (if wanted), dw and db in one call
+            dx, dw, db = dwconv3d_cpp_bwd(x, gy, weight, ctx.residual, need_x)
+            grad_x = dx if need_x else None
+            grad_w = dw if need_w else None
+            grad_b = db if need_b else None
+        elif need_x:  # dx alone: conv(gy, reflected weight) (+ gy)
             grad_x = dwconv3d_cpp_fwd(gy, weight, None, ctx.residual, True)
-        want_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1] or want_b:
-            dw, db = dwconv3d_cpp_bwd_weight(x, gy, list(weight.shape[2:]))
-            grad_w = dw if ctx.needs_input_grad[1] else None
-            grad_b = db if want_b else None
         return grad_x, grad_w, grad_b, None
 
 
