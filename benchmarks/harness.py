@@ -43,10 +43,17 @@ ELEM_BYTES = torch.finfo(DTYPE).bits // 8
 DTYPE_NAME = str(DTYPE).replace("torch.", "")
 
 # Real sizes on a GPU (batch 8, 224 px, 16 and 32 frames); on the CPU a small clip, so the whole
-# CPU run takes a few minutes on two cores.
+# CPU run takes a few minutes on two cores, or with $UNIFORMER_FAST_BENCH_CPU=full the CPU
+# serving sizes (batch 1, 224 px; ops at 8 and 16 frames, blocks and model at 8).
+CPU_PRESET = os.environ.get("UNIFORMER_FAST_BENCH_CPU", "small")
+if CPU_PRESET not in ("small", "full"):
+    raise ValueError(f"UNIFORMER_FAST_BENCH_CPU must be 'small' or 'full'; got {CPU_PRESET!r}")
 if ON_CUDA:
     BATCH, SIZE, OP_FRAMES, BLOCK_FRAMES, MODEL_FRAMES = 8, 224, (16, 32), (16,), (16,)
     MODEL_VARIANTS = ("uniformer_small", "uniformer_base")
+elif CPU_PRESET == "full":
+    BATCH, SIZE, OP_FRAMES, BLOCK_FRAMES, MODEL_FRAMES = 1, 224, (8, 16), (8,), (8,)
+    MODEL_VARIANTS = ("uniformer_small",)
 else:  # UniFormer-B's training step alone would take a minute of a shared 2-core machine
     BATCH, SIZE, OP_FRAMES, BLOCK_FRAMES, MODEL_FRAMES = 1, 64, (8,), (8,), (8,)
     MODEL_VARIANTS = ("uniformer_small",)
