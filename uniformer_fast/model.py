@@ -125,6 +125,48 @@ def _depthwise(dim: int, k: int) -> nn.Conv3d:
     return nn.Conv3d(dim, dim, k, padding=k // 2, groups=dim)
 
 
+def _bn_uses_batch_statistics(bn: nn.Module) -> bool:
+    """Whether ``bn`` is a BatchNorm3d that normalises with the batch's statistics (as
+    ``nn.BatchNorm3d.forward`` decides: training mode, or no running statistics kept)."""
+    return isinstance(bn, nn.BatchNorm3d) and (bn.training or (bn.running_mean is None and bn.running_var is None))
+
+
+def _dpe_batchnorm_pointwise(dpe: nn.Conv3d, bn: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor):
+    """``y = x + dpe(x)`` and ``conv(bn(y))`` with ``bn`` on batch statistics, as the unfused
+    ``conv(bn(y))`` computes them (running statistics updated the same way), in fewer passes over
+    the activation: :func:`ops.dpe_bn_stats` emits the statistics with y, and the normalisation is
+    applied on load into ``conv`` by folding it into conv's weights for this step,
+    ``conv(bn(y)) = (W diag(s)) y + (W t + b)`` with ``s = gamma / sqrt(var + eps)`` and
+    ``t = beta - mean s``. The fold is differentiable, so gradients reach gamma, beta and,
+    through mean and var, y. Returns ``(y, conv(bn(y)))``, (B, C, T, H, W) each."""
+    y, mean, var = ops.dpe_bn_stats(x, dpe.weight, dpe.bias)
+    n = y.numel() // y.shape[1]
+    if n <= 1:  # as F.batch_norm: a variance needs two values
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
+    if bn.training and bn.track_running_stats:
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(bn.num_batches_tracked)
+        with torch.no_grad():  # running_var keeps the unbiased variance, as nn.BatchNorm3d
+            bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1.0 - factor).add_((var * (n / (n - 1))).to(bn.running_var.dtype), alpha=factor)
+    s = torch.rsqrt(var + bn.eps)  # float32 (float64 for float64)
+    if bn.weight is not None:
+        s = bn.weight.to(s.dtype) * s
+    t = -mean * s
+    if bn.bias is not None:
+        t = t + bn.bias.to(s.dtype)
+    w = conv.weight.flatten(1).to(s.dtype)  # (out, in)
+    # W t as a multiply and sum, not a matmul, so autocast keeps it in float32.
+    b = (w * t).sum(1)
+    if conv.bias is not None:
+        b = b + conv.bias.to(s.dtype)
+    a = ops.linear(y.permute(0, 2, 3, 4, 1), (w * s).to(y.dtype), b.to(y.dtype))
+    return y, a.permute(0, 4, 1, 2, 3)
+
+
 class CBlock(nn.Module):
     """Stage 1-2 block: DPE, Local MHRA (BN, 1x1x1, depthwise 5x5x5, 1x1x1), conv MLP."""
 
@@ -142,8 +184,12 @@ class CBlock(nn.Module):
         self.mlp = CMlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x):
-        x = _dpe(self.pos_embed, x)
-        a = _pointwise(self.conv1, self.norm1(x))
+        if (_bn_uses_batch_statistics(self.norm1)
+                and ops.dpe_bn_stats_backend(x, self.pos_embed.weight, self.pos_embed.bias) != "reference"):
+            x, a = _dpe_batchnorm_pointwise(self.pos_embed, self.norm1, self.conv1, x)
+        else:
+            x = _dpe(self.pos_embed, x)
+            a = _pointwise(self.conv1, self.norm1(x))
         if self.drop_path.p > 0.0 and self.training:
             # Stochastic depth scales the branch before the residual add: the unfused path.
             a = ops.dwconv3d(a, self.attn.weight, self.attn.bias)

@@ -7,6 +7,7 @@ from .attention import attention
 from .backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
                       set_backend, use_backend)
 from .dpe import dpe_layernorm
+from .dpe_bn import dpe_bn_stats, dpe_bn_stats_backend
 from .dwconv3d import dwconv3d
 from .linear import linear
 from .local_mhra import local_mhra_tail
@@ -18,5 +19,5 @@ __all__ = [
     "BACKENDS", "BackendUnavailableError", "attention", "attention_reference", "available_backends",
     "dpe_layernorm", "dpe_layernorm_reference", "dwconv3d", "dwconv3d_reference", "get_backend",
     "linear", "linear_reference", "set_backend",
-    "use_backend", "local_mhra_tail", "local_mhra_tail_reference",
+    "use_backend", "local_mhra_tail", "local_mhra_tail_reference", "dpe_bn_stats", "dpe_bn_stats_backend",
 ]

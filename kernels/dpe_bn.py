@@ -1,0 +1,349 @@
+"""The CBlock's DPE with its BatchNorm statistics epilogue (training mode): one Triton kernel writes
+the residual stream and per-tile partial statistics; a small merge kernel turns them into the
+per-channel batch mean and biased variance.
+
+``y = x + dwconv(x) + bias`` (the dynamic position embedding, depthwise, stride 1, zero "same"
+padding), and ``mean[c]``, ``var[c]`` of y over (B, T, H, W), float32.
+
+Statistics scheme (numerically sound for any mean, no atomics, deterministic):
+
+1. :func:`dpe_bn_stats_fwd_kernel`: a program owns BLOCK_P positions of one batch element x
+   BLOCK_C channels (the grid and blocks of :mod:`.dwconv3d`'s forward). Once its tile of y sits
+   in registers it writes, per channel, the tile's float32 mean ``hi``, the sum of ``y - hi``
+   (what rounding ``hi`` lost: the exact tile mean is ``hi + sdev / n``) and ``M2`` about
+   ``hi``, ``sum (y - hi)^2`` (two passes over the registers, never ``sum y^2 - n mean^2``, which
+   cancels catastrophically in float32 when |mean| >> std). The tile's count is implied by its
+   place in the grid.
+2. :func:`bn_partials_merge_kernel`: merges rows of ``(count, mean, M2)`` in a fixed order, with
+   means held as deviations from a shift ``K`` (the first tile's mean: near the data, known to
+   every program), so float32 partial means keep the precision of the spread rather than of
+   |mean|: a chunk of BLOCK_G rows at once by the parallel formula
+   ``M2 = sum M2_g + sum n_g (mean_g - mean)^2``, then chunk after chunk by Chan's pairwise
+   update. Run once over groups of rows (many programs), then once over the group results (one
+   program per channel block), which writes ``mean = K + mean(y - K)`` and ``var = M2 / N``.
+
+The statistics are those of y as stored (rounded to the output dtype), as the unfused
+``batch_norm(dwconv(x))`` sees it, so the backward's ``y - mean`` uses the same values.
+
+Backward: :func:`bn_stats_bwd_kernel` adds the statistics' gradients to y's own,
+``dy_total = dy + g_mean / N + 2 g_var (y - mean) / N`` (one read of y and dy, one write); then
+:mod:`.dwconv3d`'s kernels run on ``dy_total``.
+
+Layouts (channels-last inside):
+
+- ``x``: (B, T, H, W, C) read through its strides with unit channel stride.
+- ``weight_taps``: (KT * KH * KW, C) contiguous, tap-major, as in :mod:`.dwconv3d`.
+- ``y``: (B, T, H, W, C) contiguous (dense ``channels_last_3d``), written here.
+- tile partials: ``hi``, ``sdev``, ``M2`` (G, C) float32 with ``G = B * tiles_per_batch``, row
+  ``b * tiles_per_batch + tile``; merged groups: ``count`` (S,), ``mean - K`` and ``M2`` (S, C)
+  float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+# SUPPORTED_DTYPES and why_not_shape are the forward's (its grid and blocks are dwconv3d's):
+# re-exported for ops/dpe_bn.py.
+from .dwconv3d import SUPPORTED_DTYPES, depthwise_tile, fwd_config, why_not_shape  # noqa: F401
+
+# Merge kernel: chunks of BLOCK_G rows x BLOCK_C channels (2048 float32 elements per array: 16
+# registers per thread at 4 warps), ROWS_PER_GROUP rows per first-level program: stage 1 of
+# UniFormer-S at batch 8 has 3136 tile rows -> 49 first-level programs of two chunks each, then
+# one second-level program per channel block over their 49 results. The partials (3 float32 per
+# channel per 64-position tile) are written once and read once: ~9% on top of the bytes the DPE
+# pass moves for bf16 activations.
+MERGE_BLOCK_G = 32
+MERGE_BLOCK_C = 64
+MERGE_ROWS_PER_GROUP = 64
+MERGE_NUM_WARPS = 4
+# Backward elementwise kernel: a (BLOCK_P, BLOCK_C) tile of 2048 elements per program (4096
+# took 128 registers for float32 at 4 warps on sm_80 and sm_90: y and dy, 32 elements each).
+BWD_BLOCK_P = 32
+BWD_BLOCK_C = 64
+BWD_NUM_WARPS = 4
+# Under the interpreter: tiny merge chunks and groups so that test shapes run both merge levels,
+# several chunks per program and a last chunk that ends part-way.
+INTERPRET_MERGE = dict(BLOCK_G=2, BLOCK_C=16, ROWS_PER_GROUP=4)
+INTERPRET_BWD = dict(BLOCK_P=64, BLOCK_C=16)
+
+
+def merge_config() -> dict:
+    """BLOCK_G, BLOCK_C and ROWS_PER_GROUP of the merge kernel."""
+    if INTERPRET:
+        return dict(INTERPRET_MERGE)
+    return dict(BLOCK_G=MERGE_BLOCK_G, BLOCK_C=MERGE_BLOCK_C, ROWS_PER_GROUP=MERGE_ROWS_PER_GROUP)
+
+
+def bwd_config() -> dict:
+    """BLOCK_P, BLOCK_C and num_warps of the backward kernel."""
+    if INTERPRET:
+        return dict(INTERPRET_BWD, num_warps=1)
+    return dict(BLOCK_P=BWD_BLOCK_P, BLOCK_C=BWD_BLOCK_C, num_warps=BWD_NUM_WARPS)
+
+
+@triton.jit
+def dpe_bn_stats_fwd_kernel(
+    x_ptr,  # (B, T, H, W, C) strided, unit channel stride
+    w_ptr,  # (KT * KH * KW, C) contiguous
+    b_ptr,  # (C,) or a dummy when HAS_BIAS is False
+    y_ptr,  # (B, T, H, W, C) contiguous: x + dwconv(x) + bias
+    phi_ptr,  # (B * tiles_per_batch, C) float32: each tile's per-channel mean of y, rounded: hi
+    psdev_ptr,  # (B * tiles_per_batch, C) float32: each tile's sum of (y - hi)
+    pm2_ptr,  # (B * tiles_per_batch, C) float32: each tile's sum of (y - hi)^2
+    C, T, H, W,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    HW = H * W
+    THW = T * HW
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < THW
+    t = p // HW
+    h = (p // W) % H
+    w = p % W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_base = x_ptr + pid_b * stride_xb
+    x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
+
+    acc = depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
+                         stride_xt, stride_xh, stride_xw, KT, KH, KW, BLOCK_P, BLOCK_C)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    mask = p_mask[:, None] & c_mask[None, :]
+    acc += tl.load(x_base + x_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + ((pid_b * THW + p) * C)[:, None] + c[None, :], y, mask=mask)
+
+    # The statistics of the stored y over this tile's valid positions, about the tile's float32
+    # mean hi: the sum of deviations from hi keeps what rounding hi lost (the exact tile mean is
+    # hi + sdev / n), and M2 about hi (two passes over the registers, never sum y^2 - n mean^2).
+    n = tl.minimum(THW - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    hi = tl.sum(yf, axis=0) / n
+    dev = tl.where(mask, yf - hi[None, :], 0.0)
+    row = (pid_b * tl.num_programs(0) + pid_p) * C
+    tl.store(phi_ptr + row + c, hi, mask=c_mask)
+    tl.store(psdev_ptr + row + c, tl.sum(dev, axis=0), mask=c_mask)
+    tl.store(pm2_ptr + row + c, tl.sum(dev * dev, axis=0), mask=c_mask)
+
+
+@triton.jit
+def bn_partials_merge_kernel(
+    shift_ptr,  # (G0, C) float32: the forward's tile means hi; row 0 is the shift K of every level
+    count_ptr,  # (G,) float32: positions behind each row (unused when FROM_TILES)
+    mean_ptr,  # (G, C) float32: FROM_TILES: the tiles' hi; else the groups' means of y - K
+    sdev_ptr,  # (G, C) float32: FROM_TILES: the tiles' sums of (y - hi); else unused
+    m2_ptr,  # (G, C) float32: FROM_TILES: the tiles' sums of (y - hi)^2; else the groups' M2
+    out_count_ptr,  # (S,) float32 (unused when FINAL)
+    out_mean_ptr,  # (S, C) float32: the groups' means of y - K; when FINAL, (C,) the mean of y
+    out_m2_ptr,  # (S, C) float32: the groups' M2; when FINAL, (C,) the biased variance M2 / N
+    C, G, rows_per_prog, THW, tiles_per_batch,
+    TILE_P: tl.constexpr,  # the forward's BLOCK_P: rows' counts when FROM_TILES
+    FROM_TILES: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    # Means are merged as deviations from a shift K near the data (the first tile's mean, the
+    # same for every program and level): partial means of y - K are small, so float32 holds them
+    # to the precision of the spread, not of |mean| (which alone would cost ~eps |mean| / std
+    # of relative variance error).
+    K = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
+    start = pid_s * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, G)
+    # Count, mean and M2 of the rows merged so far; the count is the same for every channel
+    # (kept as a vector so the loop carries tensors of one type).
+    run_n = tl.zeros([BLOCK_C], dtype=tl.float32)
+    run_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    run_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for g0 in range(start, end, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        g_mask = g < end
+        mask = g_mask[:, None] & c_mask[None, :]
+        off = g.to(tl.int64)[:, None] * C + c[None, :]
+        if FROM_TILES:
+            first = (g % tiles_per_batch) * TILE_P
+            n_g = tl.where(g_mask, tl.minimum(THW - first, TILE_P), 0).to(tl.float32)
+            n_safe = tl.maximum(n_g, 1.0)[:, None]
+            hi = tl.load(mean_ptr + off, mask=mask, other=0.0)
+            sdev = tl.load(sdev_ptr + off, mask=mask, other=0.0)
+            m2_hi = tl.load(m2_ptr + off, mask=mask, other=0.0)
+            # hi - K is exact for hi within a factor 2 of K (Sterbenz); sdev / n restores the
+            # tile mean's rounding; M2 about the exact tile mean from M2 about hi.
+            m_g = tl.where(mask, (hi - K[None, :]) + sdev / n_safe, 0.0)
+            m2_g = m2_hi - sdev * sdev / n_safe
+        else:
+            n_g = tl.load(count_ptr + g, mask=g_mask, other=0.0)
+            m_g = tl.load(mean_ptr + off, mask=mask, other=0.0)
+            m2_g = tl.load(m2_ptr + off, mask=mask, other=0.0)
+        # The chunk: the parallel formula over its rows (deviations of partial means from the
+        # chunk mean: no cancellation).
+        n_chunk = tl.sum(n_g, axis=0)
+        mean_chunk = tl.sum(n_g[:, None] * m_g, axis=0) / n_chunk
+        dev = tl.where(mask, m_g - mean_chunk[None, :], 0.0)
+        m2_chunk = tl.sum(m2_g, axis=0) + tl.sum(n_g[:, None] * dev * dev, axis=0)
+        # Chan's update: the running result and the chunk.
+        n_new = run_n + n_chunk
+        delta = mean_chunk - run_mean
+        frac = n_chunk / n_new
+        run_mean = run_mean + delta * frac
+        run_m2 = run_m2 + m2_chunk + delta * delta * (run_n * frac)
+        run_n = n_new
+    out = pid_s.to(tl.int64) * C + c
+    if FINAL:
+        tl.store(out_mean_ptr + out, K + run_mean, mask=c_mask)
+        tl.store(out_m2_ptr + out, tl.maximum(run_m2, 0.0) / run_n, mask=c_mask)
+    else:
+        tl.store(out_mean_ptr + out, run_mean, mask=c_mask)
+        tl.store(out_m2_ptr + out, run_m2, mask=c_mask)
+        # One lane writes the group's count (every channel block holds the same one): c == 0 is
+        # lane 0 of channel block 0.
+        tl.store(out_count_ptr + pid_s + c * 0, run_n, mask=c == 0)
+
+
+@triton.jit
+def bn_stats_bwd_kernel(
+    y_ptr,  # (B, T, H, W, C) contiguous: the forward's y
+    dy_ptr,  # (B, T, H, W, C) strided, unit channel stride: y's gradient (a dummy if not HAS_DY)
+    mean_ptr,  # (C,) float32: the batch mean
+    k_mean_ptr,  # (C,) float32: g_mean / N
+    k_var_ptr,  # (C,) float32: 2 g_var / N
+    dyt_ptr,  # (B, T, H, W, C) contiguous: dy + k_mean + k_var (y - mean), written here
+    C, T, H, W, num_tokens,
+    stride_dyb, stride_dyt, stride_dyh, stride_dyw,
+    HAS_DY: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    HW = H * W
+    THW = T * HW
+    tok = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = tok < num_tokens
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mask = p_mask[:, None] & c_mask[None, :]
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    k_mean = tl.load(k_mean_ptr + c, mask=c_mask, other=0.0)
+    k_var = tl.load(k_var_ptr + c, mask=c_mask, other=0.0)
+    off = (tok * C)[:, None] + c[None, :]
+    yv = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    d = k_mean[None, :] + k_var[None, :] * (yv - mean[None, :])
+    if HAS_DY:
+        b = tok // THW
+        p = tok % THW
+        t = p // HW
+        h = (p // W) % H
+        w = p % W
+        dy_off = b * stride_dyb + t * stride_dyt + h * stride_dyh + w * stride_dyw
+        d += tl.load(dy_ptr + dy_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(dyt_ptr + off, d.to(dyt_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launchers ------------------------------------------------------------------------------------
+
+def _merge(phi, count, mean, sdev, m2, C, G, THW, tiles_per_batch, tile_p, final, cfg, device):
+    """One level of merging G partial rows (the forward's tiles when ``count`` is None) into
+    groups of ``ROWS_PER_GROUP``: returns the groups' ``(count, mean - K, M2)``; or, when
+    ``final``, into one group: returns ``(mean, var)``."""
+    rows = G if final else cfg["ROWS_PER_GROUP"]
+    S = triton.cdiv(G, rows)
+    out_mean = torch.empty((S, C), dtype=torch.float32, device=device)
+    out_m2 = torch.empty_like(out_mean)
+    out_count = torch.empty(S, dtype=torch.float32, device=device) if not final else out_mean
+    bn_partials_merge_kernel[(S, triton.cdiv(C, cfg["BLOCK_C"]))](
+        phi, count if count is not None else phi, mean, sdev if sdev is not None else phi, m2,
+        out_count, out_mean, out_m2,
+        C, G, rows, THW, tiles_per_batch,
+        TILE_P=tile_p, FROM_TILES=count is None, FINAL=final,
+        BLOCK_G=cfg["BLOCK_G"], BLOCK_C=cfg["BLOCK_C"], num_warps=1 if INTERPRET else MERGE_NUM_WARPS,
+    )
+    if final:
+        return out_mean[0], out_m2[0]
+    return out_count, out_mean, out_m2
+
+
+def dpe_bn_stats_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, kernel_size: tuple):
+    """``y = x + conv(x) (+ bias)`` and the per-channel batch mean and biased variance of y.
+
+    Args:
+        x: (B, C, T, H, W) with unit channel stride (``channels_last_3d`` or a B/T/H/W slice of
+            it); other strides are read as they are.
+        weight_taps: (KT * KH * KW, C) contiguous, tap-major.
+        bias: (C,) contiguous or None.
+        kernel_size: (KT, KH, KW), odd, each <= 7.
+
+    Returns:
+        ``(y, mean, var)``: y (B, C, T, H, W) in dense ``channels_last_3d`` memory, x's dtype;
+        mean and var (C,) float32 over (B, T, H, W), var biased (divided by N = B*T*H*W).
+        Deterministic: fixed-order merges, no atomics.
+    """
+    if x.shape[1] != 1 and x.stride(1) != 1:
+        raise ValueError(f"x must have unit channel stride (channels_last_3d); got strides {x.stride()}")
+    B, C, T, H, W = x.shape
+    KT, KH, KW = kernel_size
+    assert weight_taps.shape == (KT * KH * KW, C) and weight_taps.is_contiguous()
+    THW = T * H * W
+    y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
+    cfg = fwd_config(C, kernel_size)
+    tiles_per_batch = triton.cdiv(THW, cfg["BLOCK_P"])
+    G = B * tiles_per_batch
+    phi = torch.empty((G, C), dtype=torch.float32, device=x.device)
+    psdev = torch.empty_like(phi)
+    pm2 = torch.empty_like(phi)
+    sb, _, st, sh, sw = x.stride()
+    dpe_bn_stats_fwd_kernel[(tiles_per_batch, triton.cdiv(C, cfg["BLOCK_C"]), B)](
+        x, weight_taps, bias if bias is not None else weight_taps, y, phi, psdev, pm2,
+        C, T, H, W, sb, st, sh, sw,
+        KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    mcfg = merge_config()
+    geometry = (THW, tiles_per_batch, cfg["BLOCK_P"])
+    if G <= mcfg["ROWS_PER_GROUP"]:
+        mean, var = _merge(phi, None, phi, psdev, pm2, C, G, *geometry, True, mcfg, x.device)
+    else:
+        count, gmean, gm2 = _merge(phi, None, phi, psdev, pm2, C, G, *geometry, False, mcfg, x.device)
+        mean, var = _merge(phi, count, gmean, None, gm2, C, count.shape[0], *geometry, True, mcfg, x.device)
+    return y.permute(0, 4, 1, 2, 3), mean, var
+
+
+def bn_stats_bwd(y: torch.Tensor, grad_y, mean: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor):
+    """``dy_total = grad_y + k_mean + k_var * (y - mean)``, per channel vectors broadcast over
+    (B, T, H, W): the statistics' gradients (``k_mean = g_mean / N``, ``k_var = 2 g_var / N``)
+    added to y's own.
+
+    Args:
+        y: (B, C, T, H, W), the forward's y, dense ``channels_last_3d``.
+        grad_y: like y with unit channel stride (other strides read as they are), or None.
+        mean, k_mean, k_var: (C,) float32 contiguous.
+
+    Returns:
+        dy_total (B, C, T, H, W) dense ``channels_last_3d`` in y's dtype.
+    """
+    B, C, T, H, W = y.shape
+    assert y.permute(0, 2, 3, 4, 1).is_contiguous()
+    if grad_y is not None and C != 1 and grad_y.stride(1) != 1:
+        raise ValueError(f"grad_y must have unit channel stride (channels_last_3d); got strides {grad_y.stride()}")
+    sdy = [s for i, s in enumerate(grad_y.stride()) if i != 1] if grad_y is not None else [0] * 4
+    num_tokens = B * T * H * W
+    cfg = bwd_config()
+    dyt = torch.empty((B, T, H, W, C), dtype=y.dtype, device=y.device)
+    bn_stats_bwd_kernel[(triton.cdiv(num_tokens, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"]))](
+        y, grad_y if grad_y is not None else y, mean, k_mean, k_var, dyt,
+        C, T, H, W, num_tokens, *sdy,
+        HAS_DY=grad_y is not None,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return dyt.permute(0, 4, 1, 2, 3)

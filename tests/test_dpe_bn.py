@@ -1,0 +1,432 @@
+"""ops.dpe_bn_stats, the CBlock's DPE with its BatchNorm statistics epilogue (kernels/dpe_bn.py):
+parity of the "triton" backend with the float64 reference for the three outputs (y, mean, var)
+and every gradient (x, weight, bias) with all three outputs receiving gradients; a large-mean
+input where float32 sum / sum-of-squares statistics would fail; the CBlock's training path (BN
+statistics from the op, BN folded into conv1) against the plain block, running statistics
+included; opcheck; errors; and the ahead-of-time compile of the kernels for sm_80 and sm_90,
+failing on register spills.
+
+On the CPU the kernels run under Triton's interpreter (~0.1 ms per operation per program): tiny
+shapes that still cross every edge (C not a power of two and wider than the interpreter's
+16-channel block, position tiles that end part-way, T = 1, W = 1, both merge levels).
+"""
+import copy
+import importlib
+
+import pytest
+import torch
+
+from uniformer_fast import ops
+from uniformer_fast.kernels import HAS_TRITON, INTERPRET
+from uniformer_fast.ops import BackendUnavailableError
+
+CL = torch.channels_last_3d
+dpe_bn_mod = importlib.import_module("uniformer_fast.ops.dpe_bn")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
+
+
+def _make_x(shape, dtype, layout, device):
+    """x (B, C, T, H, W) in the given layout; "sliced_*" are non-dense views with an offset."""
+    B, C, T, H, W = shape
+    if layout.startswith("sliced"):
+        big = torch.randn(B, C + 3, T + 1, H, 2 * W + 1, device=device).to(dtype)
+        if layout == "sliced_channels_last":
+            big = big.to(memory_format=CL)
+        x = big[:, 1:C + 1, 1:, :, 1::2]
+        assert x.shape == shape and not x.is_contiguous() and not x.is_contiguous(memory_format=CL)
+        return x
+    x = torch.randn(shape, device=device).to(dtype)
+    return x.to(memory_format=CL) if layout == "channels_last" else x
+
+
+def _params(C, kernel, dtype, with_bias, device):
+    w = (torch.randn((C, 1) + tuple(kernel), device=device) * 0.3).to(dtype)
+    b = torch.randn(C, device=device).to(dtype) if with_bias else None
+    return w, b
+
+
+def _run(x, w, b, backend, grads):
+    """Forward on ``backend``, then backward with the given upstream gradients (None: that output
+    unused). Returns [y, mean, var, dx, dweight, dbias]."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, w, b)]
+    outs = ops.dpe_bn_stats(*leaves, backend=backend)
+    used = [(o, g.to(o.dtype)) for o, g in zip(outs, grads) if g is not None]
+    torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+    return list(outs) + [None if t is None else t.grad for t in leaves]
+
+
+NAMES = ("y", "mean", "var", "dx", "dweight", "dbias")
+
+
+def _check(shape, kernel, dtype, with_bias, layout, device, assert_close, outputs=("y", "mean", "var")):
+    C = shape[1]
+    x = _make_x(shape, dtype, layout, device)
+    w, b = _params(C, kernel, dtype, with_bias, device)
+    grads = [torch.randn(shape, device=device).to(dtype) if "y" in outputs else None,
+             torch.randn(C, device=device) if "mean" in outputs else None,
+             torch.randn(C, device=device) if "var" in outputs else None]
+    x_before = x.clone()
+    out = _run(x, w, b, "triton", grads)
+    ref = _run(x.double(), w.double(), None if b is None else b.double(), "reference",
+               [None if g is None else g.double() for g in grads])
+    assert torch.equal(x, x_before), "the input was modified"
+    y, mean, var = out[:3]
+    assert y.shape == shape and y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    assert mean.shape == var.shape == (C,) and mean.dtype == var.dtype == torch.float32
+    for name, a, e in zip(NAMES, out, ref):
+        if e is None:
+            assert a is None, name
+            continue
+        if name.startswith("d"):
+            assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        # The statistics are float32 whatever the activation dtype; they are those of y as
+        # stored, so in 16-bit dtypes they carry y's rounding.
+        assert_close(a, e, dtype=dtype, name=f"{name} {shape} {kernel} {dtype} {layout}")
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,kernel", [
+    ((2, 20, 3, 4, 5), (3, 3, 3)),  # C = 20: two 16-channel blocks, the second partial
+    ((3, 20, 3, 5, 10), (3, 3, 3)),  # 150 positions: 3 tiles per batch element, 9 rows: two merge levels
+    ((2, 33, 2, 3, 3), (3, 3, 3)),  # three channel blocks
+    ((1, 16, 1, 4, 4), (3, 3, 3)),  # T = 1
+    ((2, 7, 3, 5, 1), (3, 3, 3)),  # W = 1
+    ((1, 6, 2, 3, 4), (5, 5, 5)),  # the kernel larger than the input
+], ids=lambda v: "x".join(map(str, v)))
+def test_dpe_bn_stats_triton_shapes(shape, kernel, device, assert_close):
+    _check(shape, kernel, torch.float32, True, "channels_last", device, assert_close)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout,with_bias", [
+    ("contiguous", True), ("sliced_channels_last", False), ("sliced_contiguous", True)])
+def test_dpe_bn_stats_triton_layouts_and_bias(layout, with_bias, device, assert_close):
+    _check((2, 20, 2, 3, 3), (3, 3, 3), torch.float32, with_bias, layout, device, assert_close)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_dpe_bn_stats_triton_half_dtypes(dtype, device, assert_close):
+    # bf16 stores truncate under the interpreter (1 ulp from the GPU's rounding): within 2e-2.
+    _check((2, 20, 2, 3, 4), (3, 3, 3), dtype, True, "channels_last", device, assert_close)
+
+
+@needs_triton
+@pytest.mark.parametrize("outputs", (("y",), ("mean", "var"), ("y", "var")), ids="+".join)
+def test_dpe_bn_stats_triton_some_outputs_used(outputs, device, assert_close):
+    _check((1, 20, 2, 3, 3), (3, 3, 3), torch.float32, True, "channels_last", device, assert_close,
+           outputs=outputs)
+
+
+@needs_triton
+def test_dpe_bn_stats_triton_stride0_grads(device, assert_close):
+    """(y.sum() + mean.sum() + var.sum()).backward() hands the backward expanded (stride-0)
+    gradients."""
+    x = _make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    w, b = _params(20, (3, 3, 3), torch.float32, True, device)
+    results = []
+    for backend, cast in (("triton", lambda t: t), ("reference", torch.Tensor.double)):
+        leaves = [cast(t).detach().requires_grad_() for t in (x, w, b)]
+        y, mean, var = ops.dpe_bn_stats(*leaves, backend=backend)
+        (y.sum() + mean.sum() + var.sum()).backward()
+        results.append([t.grad for t in leaves])
+    for name, a, e in zip(NAMES[3:], *results):
+        assert_close(a, e, name=name)
+
+
+@needs_triton
+def test_dpe_bn_stats_large_mean(device, assert_close):
+    """|mean| / std ~ 1e4: float32 sum and sum of squares would lose the variance entirely
+    (E[y^2] ~ 1e8 carries an absolute error ~ 10 against a variance ~ 3). The per-tile (mean, M2)
+    partials and their merge keep it to float32 rounding of the values themselves."""
+    shape = (5, 20, 2, 3, 3)  # 5 tile rows: both merge levels
+    x = _make_x(shape, torch.float32, "channels_last", device)
+    w, _ = _params(20, (3, 3, 3), torch.float32, True, device)
+    b = torch.full((20,), 1.0e4, device=device) + torch.randn(20, device=device)
+    y, mean, var = ops.dpe_bn_stats(x, w, b, backend="triton")
+    # Against the exact statistics of the y the kernel stored (y's own float32 rounding at 1e4
+    # would otherwise dominate the comparison).
+    var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
+    assert_close(mean, mean64, name="mean")
+    assert_close(var, var64, name="var")
+    # The test can fail: the naive float32 formula misses by far more than the tolerance.
+    yf = y.float().permute(0, 2, 3, 4, 1).reshape(-1, 20)
+    naive = (yf * yf).mean(0) - yf.mean(0) ** 2
+    assert (naive.double() - var64).abs().max() > 1e3 * 1e-5 * var64.abs().max()
+    # And the gradient path, y - mean recomputed against the float64 reference.
+    grads = [torch.randn(shape, device=device), torch.randn(20, device=device), torch.randn(20, device=device)]
+    got = _run(x, w, b, "triton", grads)
+    ref = _run(x.double(), w.double(), b.double(), "reference", [g.double() for g in grads])
+    for name, a, e in zip(NAMES[3:], got[3:], ref[3:]):
+        # float32 holds a mean near 1e4 to ~5e-4, which (y - mean) carries against O(1)
+        # deviations (the float32 reference BatchNorm does too): held at 1e-3 here, not 1e-5.
+        assert_close(a, e, rtol=1e-3, name=name)
+
+
+@needs_triton
+def test_dpe_bn_stats_triton_deterministic(device):
+    """Fixed-order merges, no atomics: two runs agree bit for bit."""
+    shape = (5, 20, 2, 3, 3)  # 5 tile rows: both merge levels
+    x = _make_x(shape, torch.float32, "channels_last", device)
+    w, b = _params(20, (3, 3, 3), torch.float32, True, device)
+    grads = [torch.randn(shape, device=device), torch.randn(20, device=device), torch.randn(20, device=device)]
+    first = _run(x, w, b, "triton", grads)
+    second = _run(x, w, b, "triton", grads)
+    for name, a, e in zip(NAMES, first, second):
+        assert torch.equal(a, e), f"{name} differs between two runs"
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ("triton", "reference"))
+def test_dpe_bn_stats_autocast(backend, device):
+    """Custom ops ignore autocast: the op casts its inputs itself; y comes in the autocast dtype,
+    the statistics in float32."""
+    if device.type == "cpu" and backend == "triton" and not INTERPRET:
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
+    x = _make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    w, b = _params(20, (3, 3, 3), torch.float32, True, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y, mean, var = ops.dpe_bn_stats(x, w, b, backend=backend)
+    expected = ops.dpe_bn_stats(x.bfloat16(), w.bfloat16(), b.bfloat16(), backend=backend)
+    assert y.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
+    for a, e in zip((y, mean, var), expected):
+        assert torch.equal(a, e)
+
+
+def test_dpe_bn_stats_auto_on_cpu_float64():
+    """float64 and CPU tensors: "auto" runs the reference (float64 statistics); "triton" by name
+    raises saying why."""
+    x = torch.randn(1, 4, 2, 3, 3, dtype=torch.float64)
+    w, b = _params(4, (3, 3, 3), torch.float64, True, "cpu")
+    assert ops.dpe_bn_stats_backend(x, w, b) == "reference"
+    y, mean, var = ops.dpe_bn_stats(x, w, b)
+    assert y.dtype == mean.dtype == var.dtype == torch.float64
+    if HAS_TRITON:
+        with pytest.raises(BackendUnavailableError, match="float16, bfloat16 or float32; got torch.float64"):
+            ops.dpe_bn_stats(x, w, b, backend="triton")
+        with pytest.raises(BackendUnavailableError, match="float16, bfloat16 or float32; got torch.float64"):
+            ops.dpe_bn_stats_backend(x, w, b, backend="triton")
+
+
+@needs_triton
+def test_dpe_bn_stats_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    import uniformer_fast.kernels as kernels
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    x = torch.randn(1, 4, 2, 3, 3)
+    w, b = _params(4, (3, 3, 3), torch.float32, True, "cpu")
+    with pytest.raises(BackendUnavailableError, match="dpe_bn_stats: backend 'triton'.*TRITON_INTERPRET"):
+        ops.dpe_bn_stats(x, w, b, backend="triton")
+
+
+_X = torch.randn(1, 4, 3, 3, 3)
+_W = torch.randn(4, 1, 3, 3, 3)
+
+
+@pytest.mark.parametrize("args,kwargs,err,match", [
+    ((torch.randn(4, 3, 3, 3), _W), {}, ValueError, r"x must be 5-D"),
+    (("x", _W), {}, TypeError, "x must be a torch.Tensor"),
+    ((_X, torch.randn(4, 1, 3, 4, 3)), {}, ValueError, "odd kt, kh, kw"),
+    ((_X, torch.randn(5, 1, 3, 3, 3)), {}, ValueError, "weight must have shape"),
+    ((_X, _W.double()), {}, TypeError, "weight must have the dtype of x"),
+    ((_X, _W, torch.randn(3)), {}, ValueError, r"bias must have shape \(4,\)"),
+    ((_X, _W, torch.randn(4).half()), {}, TypeError, "bias must have the dtype of x"),
+    ((_X.int(), _W), {}, TypeError, "x must be float16, bfloat16, float32 or float64"),
+    ((torch.randn(1, 4, 0, 3, 3), _W), {}, ValueError, "x must not be empty"),
+    ((_X, _W), {"backend": "cuda"}, ValueError, "backend must be one of"),
+])
+def test_dpe_bn_stats_bad_input(args, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        ops.dpe_bn_stats(*args, **kwargs)
+
+
+# --- torch.library --------------------------------------------------------------------------------
+
+@needs_interpreter
+@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no_bias"))
+def test_opcheck(with_bias):
+    """Schema, fake (meta) implementation and dispatch agree, for each kernel direction."""
+    x = torch.randn(1, 5, 2, 3, 3).to(memory_format=CL)
+    w, b = _params(5, (3, 3, 3), torch.float32, with_bias, "cpu")
+    taps = w.reshape(5, -1).t().contiguous()
+    torch.library.opcheck(torch.ops.uniformer_fast.dpe_bn_stats_triton_fwd.default, (x, taps, b, [3, 3, 3]))
+    y, mean, _ = dpe_bn_mod.dpe_bn_stats_triton_fwd(x, taps, b, [3, 3, 3])
+    gy = torch.randn(1, 5, 2, 3, 3).to(memory_format=CL) if with_bias else None
+    torch.library.opcheck(torch.ops.uniformer_fast.dpe_bn_stats_triton_bwd.default,
+                          (y, gy, mean, torch.randn(5), torch.randn(5)))
+
+
+# --- the CBlock's training path -------------------------------------------------------------------
+
+def _cblock_steps(blk, xs, backend, spy):
+    """Two training steps of ``blk`` on ``backend`` for dpe_bn_stats (everything else "reference"):
+    per step the output, the input gradient, every parameter gradient and the BN buffers."""
+    results = []
+    for x in xs:
+        blk.zero_grad()
+        xi = x.detach().requires_grad_()
+        with ops.use_backend("reference"), ops.use_backend(backend, op="dpe_bn_stats"):
+            y = blk(xi)
+        y.pow(2).sum().backward()
+        bn = blk.norm1
+        results.append([y, xi.grad] + [p.grad.clone() for p in blk.parameters()]
+                       + [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()])
+    calls = len(spy)
+    spy.clear()
+    return results, calls
+
+
+@needs_triton
+@pytest.mark.parametrize("momentum", (0.1, None), ids=("momentum", "cumulative"))
+def test_cblock_train_triton_matches_reference(momentum, device, assert_close, monkeypatch):
+    """A training CBlock whose DPE emits norm1's statistics (BN folded into conv1) against the
+    same block with plain BatchNorm in float64: output, every gradient, running statistics."""
+    from uniformer_fast.model import CBlock
+    torch.manual_seed(0)
+    blk = CBlock(20).to(device).train()
+    blk.norm1.momentum = momentum
+    with torch.no_grad():  # non-trivial BN parameters and buffers
+        blk.norm1.weight.uniform_(0.5, 1.5)
+        blk.norm1.bias.normal_()
+        blk.norm1.running_mean.normal_()
+        blk.norm1.running_var.uniform_(0.5, 2.0)
+    ref_blk = copy.deepcopy(blk).double()
+    spy = []
+    real = ops.dpe_bn_stats
+    monkeypatch.setattr(ops, "dpe_bn_stats", lambda *a, **k: spy.append(1) or real(*a, **k))
+    xs = [_make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device) + i for i in range(2)]
+    got, fused_calls = _cblock_steps(blk, xs, "triton", spy)
+    expected, ref_calls = _cblock_steps(ref_blk, [x.double() for x in xs], "reference", spy)
+    # The fused route on "triton"; plain nn.BatchNorm3d (the op never called) on "reference".
+    assert fused_calls == 2 and ref_calls == 0
+    names = ["y", "dx"] + [n for n, _ in blk.named_parameters()] + ["running_mean", "running_var"]
+    for step, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g[-1], e[-1]) and g[-1].item() == step + 1, "num_batches_tracked"
+        for name, a, r in zip(names, g[:-1], e[:-1]):
+            assert_close(a, r, rtol=1e-5, name=f"step {step + 1} {name}")
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ("bf16_model", "autocast"))
+def test_cblock_train_triton_bfloat16(mode, device, assert_close):
+    """The fold with 16-bit activations: float32 statistics, BN parameters and conv1 weights in
+    the model's dtype (bf16 model) or float32 under autocast, within bf16 tolerance of float64."""
+    from uniformer_fast.model import CBlock
+    torch.manual_seed(0)
+    blk = CBlock(20).to(device).train()
+    ref_blk = copy.deepcopy(blk).double()
+    x = _make_x((2, 20, 1, 3, 3), torch.float32, "channels_last", device)
+    xr = x.double().requires_grad_()
+    y_ref = ref_blk(xr)
+    y_ref.pow(2).sum().backward()
+    if mode == "bf16_model":
+        blk, x, ctx = blk.bfloat16(), x.bfloat16(), torch.autocast(device.type, enabled=False)
+    else:
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16)
+    xi = x.detach().requires_grad_()
+    # The Local MHRA's depthwise conv on "triton" too: the CPU's bf16 F.conv3d weight gradient
+    # (the reference) is off by ~50% here, far outside bf16 tolerance.
+    with ops.use_backend("reference"), ops.use_backend("triton", op="dpe_bn_stats"), \
+            ops.use_backend("triton", op="dwconv3d"), ctx:
+        y = blk(xi)
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert_close(y, y_ref, dtype=torch.bfloat16, name="y")
+    assert_close(xi.grad, xr.grad, dtype=torch.bfloat16, name="dx")
+    for (name, p), (_, r) in zip(blk.named_parameters(), ref_blk.named_parameters()):
+        assert_close(p.grad, r.grad, dtype=torch.bfloat16, name=name)
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(blk.norm1, name), getattr(ref_blk.norm1, name), dtype=torch.bfloat16, name=name)
+
+
+@needs_triton
+def test_cblock_eval_and_reference_paths_unchanged(device, assert_close):
+    """Eval mode (running statistics) never takes the fused route, and the model's reference
+    backend is plain BatchNorm: both agree with the unfused composition."""
+    from uniformer_fast.model import CBlock
+    blk = CBlock(20).to(device).eval()
+    x = _make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    with ops.use_backend("triton", op="dpe_bn_stats"):
+        assert ops.get_backend("dpe_bn_stats") == "triton"
+        y = blk(x)
+    with ops.use_backend("reference"):
+        y_ref = blk(x)
+        assert ops.dpe_bn_stats_backend(x, blk.pos_embed.weight, blk.pos_embed.bias) == "reference"
+    assert torch.equal(blk.norm1.num_batches_tracked, torch.tensor(0))
+    assert_close(y, y_ref.double(), rtol=1e-5, name="eval")
+
+
+@needs_triton
+def test_cblock_train_single_value_per_channel_raises(device):
+    from uniformer_fast.model import CBlock
+    blk = CBlock(4).to(device).train()
+    with ops.use_backend("triton", op="dpe_bn_stats"), \
+            pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        blk(torch.randn(1, 4, 1, 1, 1, device=device))
+
+
+# --- ahead-of-time compile for sm_80 / sm_90 ------------------------------------------------------
+
+PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+@pytest.fixture
+def gpu_configs(monkeypatch):
+    """The launchers' GPU choices, also when the tests run under the interpreter."""
+    from uniformer_fast.kernels import dpe_bn as K
+    from uniformer_fast.kernels import dwconv3d as D
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(D, "INTERPRET", False)
+    return K
+
+
+def _no_spills(r, what):
+    print(f"{what}: regs {r['regs']} stack {r['stack']} local {r['local']} shared {r['shared']} "
+          f"LDG.E.128 {'LDG.E.128' in r['sass']}")
+    assert r["local"] == 0 and r["stack"] == 0, \
+        f"{what}: register spills ({r['regs']} regs, stack {r['stack']} B, local {r['local']} B)"
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", (80, 90))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=lambda d: str(d)[6:])
+def test_kernels_compile_without_spills(dtype, arch, compile_for_gpu, gpu_configs):
+    """The forward (each channel block the launcher picks, 3x3x3), the merge (both levels) and the
+    statistics backward compile for sm_80 and sm_90 without register spills."""
+    K = gpu_configs
+    p = PTR[dtype]
+    sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, phi_ptr="*fp32", psdev_ptr="*fp32", pm2_ptr="*fp32",
+               C="i32", T="i32", H="i32", W="i32",
+               stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
+    # torch allocations are 16-byte aligned; C a multiple of 16 makes every stride one too.
+    aligned = [k for k, v in sig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
+    for C in (32, 64):  # BLOCK_C 32 (C <= 32) and 64
+        cfg = dict(K.fwd_config(C, (3, 3, 3)))
+        warps = cfg.pop("num_warps")
+        r = compile_for_gpu(K.dpe_bn_stats_fwd_kernel, sig, dict(KT=3, KH=3, KW=3, HAS_BIAS=True, **cfg),
+                            arch, warps, aligned=aligned)
+        _no_spills(r, f"dpe_bn_stats_fwd 3x3x3 {dtype} {cfg} warps {warps} sm_{arch}")
+    if dtype != torch.float32:  # the merge reads only float32 partials
+        return
+    mcfg = K.merge_config()
+    msig = dict(shift_ptr="*fp32", count_ptr="*fp32", mean_ptr="*fp32", sdev_ptr="*fp32", m2_ptr="*fp32",
+                out_count_ptr="*fp32",
+                out_mean_ptr="*fp32", out_m2_ptr="*fp32", C="i32", G="i32", rows_per_prog="i32",
+                THW="i32", tiles_per_batch="i32")
+    maligned = [k for k, v in msig.items() if v.startswith("*") or k == "C"]
+    for first, final in ((True, False), (False, True)):
+        r = compile_for_gpu(K.bn_partials_merge_kernel, msig,
+                            dict(TILE_P=64, FROM_TILES=first, FINAL=final,
+                                 BLOCK_G=mcfg["BLOCK_G"], BLOCK_C=mcfg["BLOCK_C"]),
+                            arch, K.MERGE_NUM_WARPS, aligned=maligned)
+        _no_spills(r, f"bn_partials_merge FROM_TILES={first} FINAL={final} {mcfg} sm_{arch}")
+    for dt, pp in PTR.items():
+        bsig = dict(y_ptr=pp, dy_ptr=pp, mean_ptr="*fp32", k_mean_ptr="*fp32", k_var_ptr="*fp32", dyt_ptr=pp,
+                    C="i32", T="i32", H="i32", W="i32", num_tokens="i32",
+                    stride_dyb="i32", stride_dyt="i32", stride_dyh="i32", stride_dyw="i32")
+        baligned = [k for k, v in bsig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
+        bcfg = K.bwd_config()
+        warps = bcfg.pop("num_warps")
+        r = compile_for_gpu(K.bn_stats_bwd_kernel, bsig, dict(HAS_DY=True, **bcfg), arch, warps, aligned=baligned)
+        _no_spills(r, f"bn_stats_bwd {dt} {bcfg} warps {warps} sm_{arch}")
