@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .dwconv3d import depthwise_tile
+from .dwconv3d import conv_tile
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KERNEL = 7
@@ -126,24 +126,13 @@ def dpe_layernorm_fwd_kernel(
 ):
     pid_p = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    HW = H * W
-    THW = T * HW
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < THW
-    t = p // HW
-    h = (p // W) % H
-    w = p % W
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
-    x_base = x_ptr + pid_b * stride_xb
-    x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
-
-    acc = depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
-                         stride_xt, stride_xh, stride_xw, KT, KH, KW, BLOCK_P, BLOCK_C)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    acc, p, p_mask, t, h, w = conv_tile(x_ptr, w_ptr, b_ptr, pid_p, pid_b, c, c_mask, C, T, H, W,
+                                        stride_xb, stride_xt, stride_xh, stride_xw,
+                                        KT, KH, KW, HAS_BIAS, True, BLOCK_P, BLOCK_C)
     mask = p_mask[:, None] & c_mask[None, :]
-    acc += tl.load(x_base + x_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    THW = T * H * W
     y = acc.to(y_ptr.dtype.element_ty)
     tok = pid_b * THW + p
     y_off = tok * C

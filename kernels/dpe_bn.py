@@ -47,7 +47,7 @@ import triton.language as tl
 from . import INTERPRET
 # SUPPORTED_DTYPES and why_not_shape are the forward's (its grid and blocks are dwconv3d's):
 # re-exported for ops/dpe_bn.py.
-from .dwconv3d import SUPPORTED_DTYPES, depthwise_tile, fwd_config, why_not_shape  # noqa: F401
+from .dwconv3d import SUPPORTED_DTYPES, conv_tile, fwd_config, why_not_shape  # noqa: F401
 
 # Merge kernel: chunks of BLOCK_G rows x BLOCK_C channels (2048 float32 elements per array: 16
 # registers per thread at 4 warps), ROWS_PER_GROUP rows per first-level program: stage 1 of
@@ -102,24 +102,13 @@ def dpe_bn_stats_fwd_kernel(
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    HW = H * W
-    THW = T * HW
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < THW
-    t = p // HW
-    h = (p // W) % H
-    w = p % W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    x_base = x_ptr + pid_b * stride_xb
-    x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
-
-    acc = depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
-                         stride_xt, stride_xh, stride_xw, KT, KH, KW, BLOCK_P, BLOCK_C)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    acc, p, p_mask, t, h, w = conv_tile(x_ptr, w_ptr, b_ptr, pid_p, pid_b, c, c_mask, C, T, H, W,
+                                        stride_xb, stride_xt, stride_xh, stride_xw,
+                                        KT, KH, KW, HAS_BIAS, True, BLOCK_P, BLOCK_C)
     mask = p_mask[:, None] & c_mask[None, :]
-    acc += tl.load(x_base + x_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    THW = T * H * W
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + ((pid_b * THW + p) * C)[:, None] + c[None, :], y, mask=mask)
 

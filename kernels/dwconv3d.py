@@ -124,6 +124,34 @@ def depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
 
 
 @triton.jit
+def conv_tile(x_ptr, w_ptr, b_ptr, pid_p, pid_b, c, c_mask, C, T, H, W,
+              stride_xb, stride_xt, stride_xh, stride_xw,
+              KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+              HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tile pid_p (BLOCK_P positions in (T, H, W) order) of batch element pid_b (int64), channels
+    c of x (B, T, H, W, C) strided: returns ``(acc, p, p_mask, t, h, w)``, acc float32 (BLOCK_P,
+    BLOCK_C) = the depthwise convolution + bias (if HAS_BIAS) + x (if RESIDUAL), p the flat
+    positions. The start of every kernel that convolves a tile."""
+    # Positions within one batch element fit in int32 (T*H*W < 2**31); offsets do not.
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < T * H * W
+    t = p // (H * W)
+    h = (p // W) % H
+    w = p % W
+    x_base = x_ptr + pid_b * stride_xb
+    x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
+    acc = depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
+                         stride_xt, stride_xh, stride_xw, KT, KH, KW, BLOCK_P, BLOCK_C)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if RESIDUAL:
+        acc += tl.load(x_base + x_off[:, None] + c[None, :], mask=p_mask[:, None] & c_mask[None, :],
+                       other=0.0).to(tl.float32)
+    return acc, p, p_mask, t, h, w
+
+
+@triton.jit
 def dwconv3d_fwd_kernel(
     x_ptr,  # (B, T, H, W, C) strided, unit channel stride
     w_ptr,  # (KT * KH * KW, C) contiguous
@@ -138,26 +166,13 @@ def dwconv3d_fwd_kernel(
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    HW = H * W
-    THW = T * HW
-    # Positions within one batch element fit in int32 (T*H*W < 2**31); offsets do not.
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < THW
-    t = p // HW
-    h = (p // W) % H
-    w = p % W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    x_base = x_ptr + pid_b * stride_xb
-    x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
-
-    acc = depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
-                         stride_xt, stride_xh, stride_xw, KT, KH, KW, BLOCK_P, BLOCK_C)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    acc, p, p_mask, t, h, w = conv_tile(x_ptr, w_ptr, b_ptr, pid_p, pid_b, c, c_mask, C, T, H, W,
+                                        stride_xb, stride_xt, stride_xh, stride_xw,
+                                        KT, KH, KW, HAS_BIAS, RESIDUAL, BLOCK_P, BLOCK_C)
     mask = p_mask[:, None] & c_mask[None, :]
-    if RESIDUAL:
-        acc += tl.load(x_base + x_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    THW = T * H * W
     y_off = (pid_b * THW + p) * C
     tl.store(y_ptr + y_off[:, None] + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 

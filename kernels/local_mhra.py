@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .dwconv3d import depthwise_tile
+from .dwconv3d import conv_tile
 from .attention import dot_precision, matmul_kind
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,24 +120,13 @@ def local_mhra_tail_fwd_kernel(
 ):
     pid_p = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    HW = H * W
-    THW = T * HW
-    # Positions within one batch element fit in int32 (T*H*W < 2**31); offsets do not.
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < THW
-    t = p // HW
-    h = (p // W) % H
-    w = p % W
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
-    u_base = u_ptr + pid_b * stride_ub
-    u_off = t.to(tl.int64) * stride_ut + h.to(tl.int64) * stride_uh + w.to(tl.int64) * stride_uw
-
     # Depthwise convolution over all channels, kept in registers for the projection.
-    acc = depthwise_tile(u_base, u_off, taps_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
-                         stride_ut, stride_uh, stride_uw, KT, KH, KW, BLOCK_P, BLOCK_C)
-    if HAS_ATTN_BIAS:
-        acc += tl.load(ab_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    acc, p, p_mask, t, h, w = conv_tile(u_ptr, taps_ptr, ab_ptr, pid_p, pid_b, c, c_mask, C, T, H, W,
+                                        stride_ub, stride_ut, stride_uh, stride_uw,
+                                        KT, KH, KW, HAS_ATTN_BIAS, False, BLOCK_P, BLOCK_C)
+    THW = T * H * W
 
     # The projection: a (BLOCK_P, C_in) @ conv2_wt (C_in, C_out). Padded channels of a are zero
     # (masked loads), and so are the padded rows and columns of the weight tile.

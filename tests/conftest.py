@@ -100,6 +100,23 @@ def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stage
             "shared": compiled.metadata.shared, "ptx": compiled.asm["ptx"], "sass": sass}
 
 
+def _jit_modules(fn):
+    """The globals of fn's module and of every module whose @triton.jit helpers it calls, transitively
+    (a kernel in kernels/dpe.py calls conv_tile, which calls depthwise_tile in kernels/dwconv3d.py)."""
+    seen, todo = {}, [fn.__globals__]
+    while todo:
+        ns = todo.pop()
+        if id(ns) in seen:
+            continue
+        seen[id(ns)] = ns
+        for obj in list(ns.values()):
+            inner = getattr(obj, "fn", None)
+            if callable(inner) and getattr(inner, "__globals__", None) is not None and obj is not fn:
+                if getattr(inner, "__module__", "").startswith(("uniformer_fast", "kernels")):
+                    todo.append(inner.__globals__)
+    return list(seen.values())
+
+
 def _make_compilable(monkeypatch, namespaces):
     """Undo what Triton's interpreter did to these namespaces, for the test's duration.
 
@@ -139,7 +156,7 @@ def compile_for_gpu(monkeypatch):
     _make_compilable(monkeypatch, tl_namespaces)
 
     def compile_(kernel, *args, **kwargs):
-        _make_compilable(monkeypatch, [getattr(kernel, "fn", kernel).__globals__])  # the kernel's module
+        _make_compilable(monkeypatch, _jit_modules(getattr(kernel, "fn", kernel)))
         return _compile_for_gpu(kernel, *args, **kwargs)
 
     return compile_
