@@ -17,23 +17,11 @@ from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.ops import BackendUnavailableError
 
+from helpers import make_x
+
 CL = torch.channels_last_3d
 dpe_mod = importlib.import_module("uniformer_fast.ops.dpe")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-
-
-def _make_x(shape, dtype, layout, device):
-    """x (B, C, T, H, W) in the given layout; "sliced_*" are non-dense views with an offset."""
-    B, C, T, H, W = shape
-    if layout.startswith("sliced"):
-        big = torch.randn(B, C + 3, T + 1, H, 2 * W + 1, device=device).to(dtype)
-        if layout == "sliced_channels_last":
-            big = big.to(memory_format=CL)
-        x = big[:, 1:C + 1, 1:, :, 1::2]
-        assert x.shape == shape and not x.is_contiguous() and not x.is_contiguous(memory_format=CL)
-        return x
-    x = torch.randn(shape, device=device).to(dtype)
-    return x.to(memory_format=CL) if layout == "channels_last" else x
 
 
 def _params(C, kernel, dtype, with_bias, device):
@@ -61,7 +49,7 @@ NAMES = ("y", "z", "dx", "dweight", "dbias", "dln_weight", "dln_bias")
 
 def _check(shape, kernel, dtype, with_bias, layout, device, assert_close, grads=("y", "z")):
     C = shape[1]
-    x = _make_x(shape, dtype, layout, device)
+    x = make_x(shape, dtype, layout, device)
     params = _params(C, kernel, dtype, with_bias, device)
     gy = torch.randn(shape, device=device).to(dtype) if "y" in grads else None
     gz = torch.randn(shape, device=device).to(dtype) if "z" in grads else None
@@ -121,7 +109,7 @@ def test_dpe_layernorm_triton_one_output_used(grads, device, assert_close):
 @needs_triton
 def test_dpe_layernorm_triton_stride0_grads(device, assert_close):
     """(y.sum() + z.sum()).backward() hands the backward expanded (stride-0) gradients."""
-    x = _make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
     params = _params(20, (3, 3, 3), torch.float32, True, device)
     results = []
     for backend, cast in (("triton", lambda t: t), ("reference", torch.Tensor.double)):
@@ -135,7 +123,7 @@ def test_dpe_layernorm_triton_stride0_grads(device, assert_close):
 
 @needs_triton
 def test_dpe_layernorm_triton_inference_and_partial_grads(device, assert_close):
-    x = _make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
     w, b, lnw, lnb = _params(20, (3, 3, 3), torch.float32, True, device)
     y, z = ops.dpe_layernorm(x, w, b, lnw, lnb, backend="triton")  # nothing requires grad
     assert not y.requires_grad and not z.requires_grad
@@ -155,7 +143,7 @@ def test_dpe_layernorm_triton_inference_and_partial_grads(device, assert_close):
 def test_dpe_layernorm_triton_deterministic(dtype, device):
     """Per-program float32 partials and fixed-order sums: two runs agree bit for bit."""
     shape = (3, 20, 2, 3, 3)
-    x = _make_x(shape, dtype, "channels_last", device)
+    x = make_x(shape, dtype, "channels_last", device)
     params = _params(20, (3, 3, 3), dtype, True, device)
     gy, gz = (torch.randn(shape, device=device).to(dtype) for _ in range(2))
     first = _run(x, *params, "triton", gy, gz)
@@ -171,7 +159,7 @@ def test_dpe_layernorm_autocast(backend, device):
     autocast dtype (the reference's F.layer_norm would give float32)."""
     if device.type == "cpu" and backend == "triton" and not INTERPRET:
         pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
-    x = _make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
     params = _params(20, (3, 3, 3), torch.float32, True, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         y, z = ops.dpe_layernorm(x, *params, backend=backend)
@@ -266,7 +254,7 @@ def test_compile_fullgraph(device, assert_close):
     interpreter), inductor on CUDA."""
     if device.type == "cpu" and not INTERPRET:
         pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
-    x = _make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
     params = _params(20, (3, 3, 3), torch.float32, True, device)
 
     def f(*ts):
@@ -289,7 +277,7 @@ def test_sablock_triton_matches_reference(device, assert_close):
     from uniformer_fast.model import SABlock
     torch.manual_seed(0)
     blk = SABlock(20, num_heads=2).to(device)
-    x = _make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device)
     outs = []
     for backend in ("triton", "reference"):
         blk.zero_grad()

@@ -20,24 +20,12 @@ from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.ops import BackendUnavailableError
 
+from helpers import make_x
+
 CL = torch.channels_last_3d
 dpe_bn_mod = importlib.import_module("uniformer_fast.ops.dpe_bn")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
-
-
-def _make_x(shape, dtype, layout, device):
-    """x (B, C, T, H, W) in the given layout; "sliced_*" are non-dense views with an offset."""
-    B, C, T, H, W = shape
-    if layout.startswith("sliced"):
-        big = torch.randn(B, C + 3, T + 1, H, 2 * W + 1, device=device).to(dtype)
-        if layout == "sliced_channels_last":
-            big = big.to(memory_format=CL)
-        x = big[:, 1:C + 1, 1:, :, 1::2]
-        assert x.shape == shape and not x.is_contiguous() and not x.is_contiguous(memory_format=CL)
-        return x
-    x = torch.randn(shape, device=device).to(dtype)
-    return x.to(memory_format=CL) if layout == "channels_last" else x
 
 
 def _params(C, kernel, dtype, with_bias, device):
@@ -61,7 +49,7 @@ NAMES = ("y", "mean", "var", "dx", "dweight", "dbias")
 
 def _check(shape, kernel, dtype, with_bias, layout, device, assert_close, outputs=("y", "mean", "var")):
     C = shape[1]
-    x = _make_x(shape, dtype, layout, device)
+    x = make_x(shape, dtype, layout, device)
     w, b = _params(C, kernel, dtype, with_bias, device)
     grads = [torch.randn(shape, device=device).to(dtype) if "y" in outputs else None,
              torch.randn(C, device=device) if "mean" in outputs else None,
@@ -124,7 +112,7 @@ def test_dpe_bn_stats_triton_some_outputs_used(outputs, device, assert_close):
 def test_dpe_bn_stats_triton_stride0_grads(device, assert_close):
     """(y.sum() + mean.sum() + var.sum()).backward() hands the backward expanded (stride-0)
     gradients."""
-    x = _make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device)
     w, b = _params(20, (3, 3, 3), torch.float32, True, device)
     results = []
     for backend, cast in (("triton", lambda t: t), ("reference", torch.Tensor.double)):
@@ -142,7 +130,7 @@ def test_dpe_bn_stats_large_mean(device, assert_close):
     (E[y^2] ~ 1e8 carries an absolute error ~ 10 against a variance ~ 3). The per-tile (mean, M2)
     partials and their merge keep it to float32 rounding of the values themselves."""
     shape = (5, 20, 2, 3, 3)  # 5 tile rows: both merge levels
-    x = _make_x(shape, torch.float32, "channels_last", device)
+    x = make_x(shape, torch.float32, "channels_last", device)
     w, _ = _params(20, (3, 3, 3), torch.float32, True, device)
     b = torch.full((20,), 1.0e4, device=device) + torch.randn(20, device=device)
     y, mean, var = ops.dpe_bn_stats(x, w, b, backend="triton")
@@ -169,7 +157,7 @@ def test_dpe_bn_stats_large_mean(device, assert_close):
 def test_dpe_bn_stats_triton_deterministic(device):
     """Fixed-order merges, no atomics: two runs agree bit for bit."""
     shape = (5, 20, 2, 3, 3)  # 5 tile rows: both merge levels
-    x = _make_x(shape, torch.float32, "channels_last", device)
+    x = make_x(shape, torch.float32, "channels_last", device)
     w, b = _params(20, (3, 3, 3), torch.float32, True, device)
     grads = [torch.randn(shape, device=device), torch.randn(20, device=device), torch.randn(20, device=device)]
     first = _run(x, w, b, "triton", grads)
@@ -185,7 +173,7 @@ def test_dpe_bn_stats_autocast(backend, device):
     the statistics in float32."""
     if device.type == "cpu" and backend == "triton" and not INTERPRET:
         pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
-    x = _make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((1, 20, 2, 3, 3), torch.float32, "channels_last", device)
     w, b = _params(20, (3, 3, 3), torch.float32, True, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         y, mean, var = ops.dpe_bn_stats(x, w, b, backend=backend)
@@ -295,7 +283,7 @@ def test_cblock_train_triton_matches_reference(momentum, device, assert_close, m
     spy = []
     real = ops.dpe_bn_stats
     monkeypatch.setattr(ops, "dpe_bn_stats", lambda *a, **k: spy.append(1) or real(*a, **k))
-    xs = [_make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device) + i for i in range(2)]
+    xs = [make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device) + i for i in range(2)]
     got, fused_calls = _cblock_steps(blk, xs, "triton", spy)
     expected, ref_calls = _cblock_steps(ref_blk, [x.double() for x in xs], "reference", spy)
     # The fused route on "triton"; plain nn.BatchNorm3d (the op never called) on "reference".
@@ -316,7 +304,7 @@ def test_cblock_train_triton_bfloat16(mode, device, assert_close):
     torch.manual_seed(0)
     blk = CBlock(20).to(device).train()
     ref_blk = copy.deepcopy(blk).double()
-    x = _make_x((2, 20, 1, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((2, 20, 1, 3, 3), torch.float32, "channels_last", device)
     xr = x.double().requires_grad_()
     y_ref = ref_blk(xr)
     y_ref.pow(2).sum().backward()
@@ -346,7 +334,7 @@ def test_cblock_eval_and_reference_paths_unchanged(device, assert_close):
     backend is plain BatchNorm: both agree with the unfused composition."""
     from uniformer_fast.model import CBlock
     blk = CBlock(20).to(device).eval()
-    x = _make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device)
     with ops.use_backend("triton", op="dpe_bn_stats"):
         assert ops.get_backend("dpe_bn_stats") == "triton"
         y = blk(x)

@@ -15,27 +15,12 @@ import torch
 from uniformer_fast import ops
 from uniformer_fast.ops import BackendUnavailableError
 
+from helpers import LAYOUTS, make_x
+
 pytest.importorskip("triton")
 
 CL = torch.channels_last_3d
-LAYOUTS = ("contiguous", "channels_last", "sliced_channels_last", "sliced_contiguous")
 dwconv3d_module = importlib.import_module("uniformer_fast.ops.dwconv3d")
-
-
-def _make_x(shape, dtype, layout, device):
-    """x (B, C, T, H, W) in the given layout; the "sliced_*" ones are views of a larger tensor
-    (a channel window, a T window and every other W column), so their strides are not dense and
-    their data pointer is offset."""
-    B, C, T, H, W = shape
-    if layout.startswith("sliced"):
-        big = torch.randn(B, C + 3, T + 1, H, 2 * W + 1, device=device).to(dtype)
-        if layout == "sliced_channels_last":
-            big = big.to(memory_format=CL)
-        x = big[:, 1:C + 1, 1:, :, 1::2]
-        assert x.shape == shape and not x.is_contiguous() and not x.is_contiguous(memory_format=CL)
-        return x
-    x = torch.randn(shape, device=device).to(dtype)
-    return x.to(memory_format=CL) if layout == "channels_last" else x
 
 
 def _run(x, w, b, residual, backend, grad_y):
@@ -49,7 +34,7 @@ def _run(x, w, b, residual, backend, grad_y):
 
 def _check(shape, kernel, dtype, residual, with_bias, layout, device, assert_close):
     C = shape[1]
-    x = _make_x(shape, dtype, layout, device)
+    x = make_x(shape, dtype, layout, device)
     w = torch.randn((C, 1) + tuple(kernel), device=device).to(dtype)
     b = torch.randn(C, device=device).to(dtype) if with_bias else None
     gy = torch.randn(shape, device=device).to(dtype)
@@ -113,7 +98,7 @@ def test_dwconv3d_triton_half_dtypes_sliced(dtype, device, assert_close):
 
 def test_dwconv3d_triton_stride0_grad(device, assert_close):
     """y.sum().backward() hands the backward an expanded (stride-0) gradient."""
-    x = _make_x((2, 6, 3, 4, 3), torch.float32, "channels_last", device).requires_grad_()
+    x = make_x((2, 6, 3, 4, 3), torch.float32, "channels_last", device).requires_grad_()
     w = torch.randn(6, 1, 3, 3, 3, device=device, requires_grad=True)
     b = torch.randn(6, device=device, requires_grad=True)
     ops.dwconv3d(x, w, b, residual=True, backend="triton").sum().backward()
@@ -127,7 +112,7 @@ def test_dwconv3d_triton_stride0_grad(device, assert_close):
 def test_dwconv3d_triton_deterministic(dtype, device):
     """Per-program float32 partials and a fixed-order sum: two runs agree bit for bit."""
     shape = (3, 20, 3, 4, 5)
-    x = _make_x(shape, dtype, "channels_last", device)
+    x = make_x(shape, dtype, "channels_last", device)
     w = torch.randn(20, 1, 3, 3, 3, device=device).to(dtype)
     b = torch.randn(20, device=device).to(dtype)
     gy = torch.randn(shape, device=device).to(dtype)
@@ -138,7 +123,7 @@ def test_dwconv3d_triton_deterministic(dtype, device):
 
 
 def test_dwconv3d_triton_grads_only_where_asked(device, assert_close):
-    x = _make_x((1, 5, 2, 3, 3), torch.float32, "channels_last", device)
+    x = make_x((1, 5, 2, 3, 3), torch.float32, "channels_last", device)
     w = torch.randn(5, 1, 3, 3, 3, device=device)
     b = torch.randn(5, device=device)
     wg = w.clone().requires_grad_()
