@@ -135,6 +135,22 @@ def attention(B, N, heads, head_dim, *, e, backward=False) -> Work:
     return Work([fwd, bwd])
 
 
+def linear(M, K, N, *, e, backward=False, bias=True) -> Work:
+    """``act(x @ W^T + b)`` over M tokens, x (M, K), W (N, K), activation fused (not counted).
+
+    Forward: read x and W (+ b), write y; 2 M N K tensor-core FLOPs. Backward, ideally fused:
+    read x, dy and W, write dx, dW (+ db); 4 M N K FLOPs (dx and dW). A GELU's derivative needs
+    the pre-activation, read back or recomputed; neither is counted, so the floor is a lower bound.
+    """
+    b = N * e if bias else 0
+    mm = 2 * M * N * K
+    fwd = Pass("linear_fwd", (M * K + N * K + M * N) * e + b, tc_flops=mm)
+    if not backward:
+        return Work([fwd])
+    bwd = Pass("linear_bwd", (2 * M * K + M * N + 2 * N * K) * e + b, tc_flops=2 * mm)
+    return Work([fwd, bwd])
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks (ideally fused: one pass forward, one backward)
 

@@ -63,6 +63,24 @@ def test_attention_stage3_and_stage4():
     assert s4.floor(H100) * 1e6 == pytest.approx(4.28, abs=0.01)
 
 
+def test_linear_mlp_halves_stage1_and_stage4():
+    # Stage 1 fc1 + GELU: M = 8 * 8 * 56 * 56 = 200,704 tokens, K = 64, N = 256, bf16.
+    M = 200_704
+    w = floors.linear(M, 64, 256, e=E)
+    assert w.tc_flops == 2 * M * 256 * 64 == 6_576_668_672
+    assert w.bytes == (M * 64 + 256 * 64 + M * 256) * 2 + 256 * 2 == 128_483_840
+    assert w.floor(H100) * 1e6 == pytest.approx(42.83, abs=0.01)  # bytes-bound (compute: 8.3 us)
+    both = floors.linear(M, 64, 256, e=E, backward=True)
+    # Backward: read x, dy, W; write dx, dW, db; dx and dW are 2 M N K FLOPs each.
+    assert both.passes[1].bytes == (2 * M * 64 + M * 256 + 2 * 256 * 64) * 2 + 256 * 2 == 154_206_720
+    assert both.passes[1].tc_flops == 2 * 6_576_668_672
+    assert floors.linear(M, 64, 256, e=E, bias=False).bytes == 128_483_328
+    # Stage 4 fc2: M = 8 * 8 * 7 * 7 = 3136, K = 2048, N = 512: the same FLOPs, tensor-core bound.
+    s4 = floors.linear(3136, 2048, 512, e=E)
+    assert s4.tc_flops == 6_576_668_672 and s4.bytes == 18_154_496
+    assert s4.floor(H100) == pytest.approx(6_576_668_672 / 790e12)  # 8.3 us > 6.1 us of bytes
+
+
 def test_cblock_stage1_counts():
     B, C, T, H, W = 8, 64, 8, 56, 56
     M = B * T * H * W

@@ -90,7 +90,7 @@ def get_backend(op: Optional[str] = None) -> str:
 
     A choice made for ``op`` by name (``use_backend(name, op=op)``) always holds. A choice for the
     whole model (``use_backend(name)``, ``set_backend(name)``) holds for the ops that implement
-    ``name``; an op without it (e.g. ``linear`` under ``"triton"``) stays on ``"auto"``.
+    ``name``; an op without it (e.g. ``dwconv3d`` under ``"sdpa"``) stays on ``"auto"``.
     """
     scoped = _scoped_choice()
     if op is not None and op in scoped:

@@ -6,6 +6,12 @@ PyTorch's bundled oneDNN matmul with the bias and the exact (erf) GELU applied i
 for inference in float32. On this project's CPUs it ran 2-3x faster than ``F.linear`` (MKL) and
 6x faster than ``F.linear`` + ``F.gelu`` for the MLP's first half, with bitwise-equal results
 where measured. It has no autograd formula, so training keeps the reference.
+
+``"triton"`` (kernels/linear.py): one tiled matmul with the bias and GELU in its epilogue, forward
+and backward (the GELU derivative fused into a recomputation of the pre-activation), float16,
+bfloat16 and float32. Selectable by name or ``use_backend("triton")``; not in CUDA's ``"auto"``
+list: cuBLAS + a separate GELU stays the default until a GPU measurement shows the fused kernel
+pays (benchmarks/test_linear.py).
 """
 from __future__ import annotations
 
@@ -50,7 +56,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         x: (..., in_features).
         weight: (out_features, in_features); bias: (out_features,) or None.
         activation: None, or ``"gelu"`` (exact, erf-based, as ``nn.GELU()``).
-        backend: ``"reference"``, ``"cpp"`` or ``"auto"``; ``None`` takes the one in force.
+        backend: ``"reference"``, ``"cpp"``, ``"triton"`` or ``"auto"``; ``None`` takes the one in
+            force.
 
     Returns:
         (..., out_features). Under autocast, in the autocast dtype.
@@ -98,4 +105,85 @@ def linear_onednn(x, weight, bias=None, activation=None):
         y = _ONEDNN_LINEAR(rows, weight, bias, "gelu", [], "none")
     else:
         y = _ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# --- "triton": matmul + bias + GELU in one kernel, forward and backward (kernels/linear.py) ----
+
+def _triton_why_not(x, weight, bias, activation):
+    from ..kernels import why_not_triton
+    reason = why_not_triton(x, weight, bias)
+    if reason is not None:
+        return reason
+    from ..kernels.linear import SUPPORTED_DTYPES
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"x must be float16, bfloat16 or float32; got {x.dtype}"
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        return f"weight must have out_features >= 1 and in_features >= 1; got {tuple(weight.shape)}"
+    return None
+
+
+# One opaque op per direction, each with a fake (shapes only) so torch.compile traces through
+# them without a graph break; _LinearTriton strings them together for autograd. activation is
+# "none" or "gelu" here.
+
+@torch.library.custom_op("uniformer_fast::linear_triton_fwd", mutates_args=())
+def linear_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      activation: str) -> torch.Tensor:
+    """x (M, K), weight (N, K), bias (N,) or None -> act(x weight^T + bias), (M, N) in x's dtype."""
+    from ..kernels.linear import linear_fwd
+    return linear_fwd(x, weight, bias, activation)
+
+
+@linear_triton_fwd.register_fake
+def _(x, weight, bias, activation):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("uniformer_fast::linear_triton_bwd", mutates_args=())
+def linear_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      activation: str, need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx (M, K), dW (N, K), db (N,)); a gradient not asked for (need_dx, need_dw; db
+    when bias is None) comes back as an empty (0,) tensor."""
+    from ..kernels.linear import linear_bwd
+    dx, dw, db = linear_bwd(dy, x, weight, bias, activation, need_dx, need_dw)
+    none = x.new_empty(0)
+    return (none if dx is None else dx, weight.new_empty(0) if dw is None else dw,
+            weight.new_empty(0) if db is None else db)
+
+
+@linear_triton_bwd.register_fake
+def _(dy, x, weight, bias, activation, need_dx, need_dw):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_dw and bias is not None else weight.new_empty(0))
+
+
+class _LinearTriton(torch.autograd.Function):
+    """Saves x, weight and bias only: the backward recomputes the pre-activation (see
+    kernels/linear.py for the byte count)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.activation = activation
+        return linear_triton_fwd(x, weight, bias, activation)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        dx, dw, db = linear_triton_bwd(dy, x, weight, bias, ctx.activation, need_dx, need_dw)
+        return (dx if need_dx else None, dw if ctx.needs_input_grad[1] else None,
+                db if bias is not None and ctx.needs_input_grad[2] else None, None)
+
+
+@_backend.register("linear", "triton", why_not=_triton_why_not)
+def linear_triton(x, weight, bias=None, activation=None):
+    """The "triton" backend: x (..., K) with its leading dimensions flattened to rows (a view when
+    they flatten, else one copy; the last dimension copied unless unit-stride), weight (N, K),
+    bias (N,) or None; float16, bfloat16 or float32. Returns (..., N) contiguous."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = _LinearTriton.apply(rows, weight, bias, activation or "none")
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,299 @@
+"""The "triton" linear backend (kernels/linear.py): matmul + bias + exact GELU in one kernel,
+forward and backward, against a float64 reference; the custom ops; ahead-of-time compiles of its
+configs for sm_80 and sm_90 (registers, spills) on the CPU."""
+import importlib
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uniformer_fast import ops
+from uniformer_fast.kernels import HAS_TRITON, INTERPRET
+from uniformer_fast.ops import BackendUnavailableError
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
+
+linear_mod = importlib.import_module("uniformer_fast.ops.linear")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    return importlib.import_module("uniformer_fast.kernels.linear")
+
+
+def _inputs(x_shape, out_features, dtype, device, bias=True):
+    x = torch.randn(x_shape, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(out_features, x_shape[-1], device=device) / x_shape[-1] ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(out_features, device=device).to(dtype).requires_grad_() if bias else None
+    return x, w, b
+
+
+def _reference64(x, w, b, activation, dy):
+    """Output and gradients (x, w, b) in float64 from the same inputs."""
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y = F.linear(x64, w64, b64)
+    y = F.gelu(y) if activation == "gelu" else y
+    leaves = [x64, w64] + ([b64] if b is not None else [])
+    return y.detach(), torch.autograd.grad(y, leaves, dy.double())
+
+
+def _check(x, w, b, activation, assert_close, dy=None, backend="triton"):
+    y = ops.linear(x, w, b, activation=activation, backend=backend)
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (w.shape[0],)
+    if dy is None:
+        dy = torch.randn(y.shape, device=y.device).to(y.dtype)
+    leaves = [x, w] + ([b] if b is not None else [])
+    grads = torch.autograd.grad(y, leaves, dy)
+    y64, grads64 = _reference64(x, w, b, activation, dy)
+    assert_close(y, y64, dtype=x.dtype, name="y")
+    for name, g, e in zip(("dx", "dweight", "dbias"), grads, grads64):
+        assert_close(g, e, dtype=x.dtype, name=name)
+
+
+# --- parity ---------------------------------------------------------------------------------------
+
+# Odd sizes that are not multiples of the interpreter's tiles in M, N or K (16 below 128, 128
+# from there: the last shape), 2-D to 5-D.
+SHAPES = [((37, 40), 33), ((2, 9, 24), 50), ((1, 2, 3, 5, 17), 31), ((1, 16), 16), ((150, 130), 140)]
+
+
+def _shape_id(v):
+    return "x".join(map(str, v)) if isinstance(v, tuple) else f"N{v}"
+
+
+@pytest.mark.parametrize("x_shape,out_features", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", (None, "gelu"), ids=("none", "gelu"))
+@pytest.mark.parametrize("bias", (True, False), ids=("bias", "no_bias"))
+def test_parity(x_shape, out_features, dtype, activation, bias, device, assert_close):
+    _check(*_inputs(x_shape, out_features, dtype, device, bias), activation, assert_close)
+
+
+@pytest.mark.parametrize("layout", ("row_strided", "channels_last_view", "sliced", "last_dim_strided"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_strided_x(layout, dtype, device, assert_close):
+    """x views made by slicing: read in place where the leading dims flatten to rows."""
+    if layout == "row_strided":  # rows of 24 features inside rows of 40: one view, row stride 40
+        x = torch.randn(19, 40, device=device).to(dtype)[:, 3:27]
+    elif layout == "channels_last_view":  # _pointwise's (B, T, H, W, C) view of a channels-last tensor
+        x = torch.randn(2, 24, 3, 4, 5, device=device).to(dtype).to(memory_format=torch.channels_last_3d)
+        x = x.permute(0, 2, 3, 4, 1)
+        assert x.reshape(-1, 24).data_ptr() == x.data_ptr()  # flattens without a copy
+    elif layout == "sliced":  # leading dims that do not flatten: one copy
+        x = torch.randn(2, 7, 9, 24, device=device).to(dtype)[:, 1:, ::2]
+    else:  # last dim not unit-stride: copied once
+        x = torch.randn(11, 48, device=device).to(dtype)[:, ::2]
+    x = x.detach().requires_grad_()
+    w = (torch.randn(21, 24, device=device) / 5).to(dtype).requires_grad_()
+    b = torch.randn(21, device=device).to(dtype).requires_grad_()
+    _check(x, w, b, "gelu", assert_close)
+
+
+def test_stride0_grad(device, assert_close):
+    """y.sum().backward() hands the backward an expanded (stride 0) gradient."""
+    x, w, b = _inputs((5, 7, 20), 18, torch.float32, device)
+    y = ops.linear(x, w, b, activation="gelu", backend="triton")
+    y.sum().backward()
+    _, grads64 = _reference64(x, w, b, "gelu", torch.ones(y.shape, device=device))
+    for name, g, e in zip(("dx", "dweight", "dbias"), (x.grad, w.grad, b.grad), grads64):
+        assert_close(g, e, name=name)
+
+
+@pytest.mark.parametrize("split", (1, 2, 3, 7))
+@pytest.mark.parametrize("activation", (None, "gelu"), ids=("none", "gelu"))
+@pytest.mark.parametrize("M", (101, 300))
+def test_weight_grad_split_reduction(M, split, activation, device, assert_close):
+    """dW and db reduced over M in `split` parts (float32 partials summed in a fixed order); at
+    M = 300 the interpreter's reduction tile is 128, so fewer splits than asked."""
+    K = _kernels()
+    x, w, b = _inputs((M, 20), 35, torch.float32, device)
+    dy = torch.randn(M, 35, device=device)
+    dx, dw, db = K.linear_bwd(dy, x.detach(), w.detach(), b.detach(), activation or "none", split=split)
+    _, (dx64, dw64, db64) = _reference64(x, w, b, activation, dy)
+    assert_close(dx, dx64, name="dx")
+    assert_close(dw, dw64, name="dweight")
+    assert_close(db, db64, name="dbias")
+    # Deterministic: the same bits again.
+    again = K.linear_bwd(dy, x.detach(), w.detach(), b.detach(), activation or "none", split=split)
+    assert all(torch.equal(a, e) for a, e in zip((dx, dw, db), again))
+
+
+def test_64bit_offsets(monkeypatch, device, assert_close):
+    """The INT64 variant (taken when an operand spans >= 2**31 elements), forced on small shapes."""
+    monkeypatch.setattr(_kernels(), "INT32_LIMIT", 1)
+    _check(*_inputs((3, 13, 20), 18, torch.float32, device), "gelu", assert_close)
+
+
+def test_grads_only_where_asked(device, assert_close):
+    x = torch.randn(9, 20, device=device)  # an input that needs no gradient
+    w = torch.randn(17, 20, device=device, requires_grad=True)
+    y = ops.linear(x, w, None, activation="gelu", backend="triton")
+    (gw,) = torch.autograd.grad(y, (w,), torch.ones_like(y))
+    _, (_, gw64) = _reference64(x, w, None, "gelu", torch.ones_like(y))
+    assert_close(gw, gw64, name="dweight")
+    x.requires_grad_()
+    w.requires_grad_(False)
+    y = ops.linear(x, w, None, backend="triton")
+    (gx,) = torch.autograd.grad(y, (x,), torch.ones_like(y))
+    assert_close(gx, torch.ones(9, 17, dtype=torch.float64) @ w.double(), name="dx")
+
+
+def test_empty_rows(device):
+    x, w, b = _inputs((0, 3, 20), 18, torch.float32, device)
+    y = ops.linear(x, w, b, activation="gelu", backend="triton")
+    assert y.shape == (0, 3, 18)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_autocast(device, assert_close):
+    x, w, b = (t.detach() for t in _inputs((4, 6, 20), 18, torch.float32, device))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = ops.linear(x, w, b, activation="gelu", backend="triton")
+    assert y.dtype == torch.bfloat16
+    assert_close(y, F.gelu(F.linear(x.double(), w.double(), b.double())), dtype=torch.bfloat16)
+
+
+# --- backend choice, bad input -----------------------------------------------------------------
+
+def test_use_backend_triton_applies_to_linear(monkeypatch):
+    calls = []
+    impl = ops.backend._OPS["linear"].impls["triton"]
+    monkeypatch.setitem(ops.backend._OPS["linear"].impls, "triton",
+                        ops.backend._Impl(lambda *a: calls.append(1) or impl.fn(*a), impl.why_not))
+    with ops.use_backend("triton"):
+        assert ops.get_backend("linear") == "triton"
+        ops.linear(torch.randn(3, 16), torch.randn(16, 16), activation="gelu")
+    assert calls == [1]
+    # Not an "auto" choice on CUDA until a GPU measurement says the fused kernel pays.
+    assert "triton" not in ops.backend._OPS["linear"].auto["cuda"]
+    assert "triton" in ops.available_backends("linear")
+
+
+def test_triton_rejects_float64():
+    with pytest.raises(BackendUnavailableError, match="linear: backend 'triton'.*float16, bfloat16 or float32"):
+        ops.linear(torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), backend="triton")
+
+
+def test_triton_rejects_zero_features():
+    with pytest.raises(BackendUnavailableError, match="out_features >= 1 and in_features >= 1"):
+        ops.linear(torch.randn(3, 0), torch.randn(4, 0), backend="triton")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    import uniformer_fast.kernels as kernels
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(BackendUnavailableError, match="linear: backend 'triton'.*TRITON_INTERPRET"):
+        ops.linear(torch.randn(3, 8), torch.randn(4, 8), backend="triton")
+
+
+@pytest.mark.parametrize("args,kwargs,err,match", [
+    ((torch.randn(3, 8), torch.randn(4, 7)), {}, ValueError, "in_features 7"),
+    ((torch.randn(3, 8), torch.randn(4, 8), torch.randn(5)), {}, ValueError, r"bias must have shape \(4,\)"),
+    ((torch.randn(3, 8), torch.randn(4, 8).half()), {}, TypeError, "weight must have the dtype of x"),
+    ((torch.randn(3, 8), torch.randn(4, 8)), {"activation": "relu"}, ValueError, "activation must be None or 'gelu'"),
+], ids=("in_features", "bias_shape", "dtype", "activation"))
+def test_bad_input(args, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        ops.linear(*args, backend="triton", **kwargs)
+
+
+# --- custom ops, torch.compile ---------------------------------------------------------------------
+
+@needs_interpreter
+@pytest.mark.parametrize("activation", ("none", "gelu"))
+@pytest.mark.parametrize("bias", (True, False), ids=("bias", "no_bias"))
+def test_opcheck(activation, bias):
+    """Schema, fake implementation and dispatch through AOT autograd agree, both directions."""
+    x, w = torch.randn(9, 20), torch.randn(17, 20)
+    b = torch.randn(17) if bias else None
+    torch.library.opcheck(torch.ops.uniformer_fast.linear_triton_fwd.default, (x, w, b, activation))
+    dy = torch.randn(9, 17)
+    for need_dx, need_dw in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(torch.ops.uniformer_fast.linear_triton_bwd.default,
+                              (dy, x, w, b, activation, need_dx, need_dw))
+
+
+@needs_interpreter
+def test_compile_fullgraph(assert_close):
+    """The op in a full graph, forward and backward (AOT autograd over the opaque kernels)."""
+    x, w, b = _inputs((2, 5, 20), 18, torch.float32, torch.device("cpu"))
+    fn = torch.compile(lambda x, w, b: ops.linear(x, w, b, activation="gelu", backend="triton"),
+                       fullgraph=True, backend="aot_eager")
+    y = fn(x, w, b)
+    dy = torch.randn(y.shape)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    y64, grads64 = _reference64(x, w, b, "gelu", dy)
+    assert_close(y, y64, name="y")
+    for name, g, e in zip(("dx", "dweight", "dbias"), grads, grads64):
+        assert_close(g, e, name=name)
+
+
+# --- ahead-of-time compiles for the GPUs ---------------------------------------------------------
+
+PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+PRECISION = {"16bit": "ieee", "tf32": "tf32", "ieee": "ieee"}  # "ieee" is ignored for 16-bit dots
+KIND_DTYPE = {"16bit": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
+# The four launches of a training step, as the launchers make them (kernels/linear.py).
+DIRECTIONS = {
+    "fwd_gelu": dict(A_K_CONTIG=True, B_K_CONTIG=True, HAS_BIAS=True, ACT=1, ROWSUM=False),
+    "bwd_dpre": dict(A_K_CONTIG=True, B_K_CONTIG=True, HAS_BIAS=True, ACT=2, ROWSUM=False),
+    "bwd_dx": dict(A_K_CONTIG=True, B_K_CONTIG=False, HAS_BIAS=False, ACT=0, ROWSUM=False),
+    "bwd_dw_split": dict(A_K_CONTIG=False, B_K_CONTIG=False, HAS_BIAS=False, ACT=0, ROWSUM=True),
+}
+
+
+def _gpu_configs():
+    # The GPU table, also under the interpreter (kernels/linear.py swaps it out only at launch).
+    tiles = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}-w{num_warps}"
+    return [pytest.param(kind, i, cfg, id=f"{kind}-{tiles.format(**cfg)}")
+            for kind, cfgs in _kernels().GPU_CONFIGS.items() for i, cfg in enumerate(cfgs)]
+
+
+def compile_direction(compile_for_gpu, kind, cfg, direction, arch):
+    K = _kernels()
+    dtype = KIND_DTYPE[kind]
+    elem = PTR[dtype]
+    out = "*fp32" if direction == "bwd_dw_split" else elem
+    sig = {"a_ptr": elem, "b_ptr": elem, "bias_ptr": elem, "dy_ptr": elem, "c_ptr": out,
+           "rowsum_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
+           "stride_a": "i32", "stride_b": "i32", "stride_dy": "i32", "stride_cm": "i32", "stride_cs": "i32"}
+    cfg = dict(cfg)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    constexprs = dict(DIRECTIONS[direction], INT64=False, PRECISION=PRECISION[kind], UPCAST=False, **cfg)
+    # UniFormer-S's MLP shapes (C = 64..512, hidden 4C, M a multiple of 16): every pointer,
+    # stride and size is a multiple of 16, which Triton specialises on at launch.
+    aligned = [k for k in sig if k != "k_per_split"]
+    return compile_for_gpu(K.matmul_kernel, sig, constexprs, arch, num_warps=warps, num_stages=stages,
+                           aligned=aligned)
+
+
+@pytest.mark.parametrize("arch", (80, 90))
+@pytest.mark.parametrize("kind,index,cfg", _gpu_configs())
+def test_configs_compile_without_spills(kind, index, cfg, arch, compile_for_gpu):
+    """Every GPU config compiles for sm_80 and sm_90 in each launch direction without register
+    spills; 16-bit and tf32 matmuls run on tensor cores (wgmma on sm_90 where the tile allows)."""
+    for direction in DIRECTIONS:
+        r = compile_direction(compile_for_gpu, kind, cfg, direction, arch)
+        print(f"sm_{arch} {kind} {cfg} {direction}: regs {r['regs']} stack {r['stack']} local {r['local']} "
+              f"shared {r['shared']} wgmma {'wgmma' in r['ptx']} mma.sync {'mma.sync' in r['ptx']}")
+        assert r["local"] == 0 and r["stack"] == 0, \
+            f"{direction}: register spills ({r['regs']} regs, stack {r['stack']} B, local {r['local']} B)"
+        if kind != "ieee":
+            assert ("wgmma" in r["ptx"]) or ("mma.sync" in r["ptx"]), f"{direction}: no tensor-core matmul"
+        if kind == "tf32":
+            assert "tf32" in r["ptx"], f"{direction}: float32 matmul not on tf32 tensor cores"
+        if kind == "ieee":
+            assert "mma" not in r["ptx"], f"{direction}: exact float32 must not use tensor cores"
+        # Operands reach shared memory by 16-byte asynchronous copies (pipelined, vectorised);
+        # except tf32 on sm_90 with both operands N-major (the weight gradient): wgmma takes
+        # 32-bit operands K-major only, so they pass through registers, still by 16-byte loads.
+        if kind == "tf32" and arch == 90 and direction == "bwd_dw_split":
+            assert "ld.global.v4" in r["ptx"], f"{direction}: no 16-byte loads"
+        else:
+            assert re.search(r"cp\.async\.c[ag]\.shared\.global [^;]*, 0x10", r["ptx"]), \
+                f"{direction}: no 16-byte cp.async"
