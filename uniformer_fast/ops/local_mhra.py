@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import backend as _backend
 from ._validate import check_like, check_tensor
 from .dwconv3d import (MAX_KERNEL, _channels_last, _empty_channels_last, _weight_taps, dwconv3d,
                        dwconv3d_triton_bwd_dw, dwconv3d_triton_fwd)
+from .linear import linear
 
 _backend.define_op("local_mhra_tail", auto={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
@@ -78,10 +78,11 @@ def local_mhra_tail(u: torch.Tensor, attn_weight: torch.Tensor, attn_bias: Optio
 
 @_backend.register("local_mhra_tail", "reference")
 def local_mhra_tail_composed(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
-    """dwconv3d through the public op (whatever backend is in force for it), the projection as a
-    matmul over the channels-last view (keeps the layout), then the residual add."""
+    """dwconv3d and the projection through the public ops (whatever backend is in force for each;
+    the projection is a matmul over the channels-last view, which keeps the layout), then the
+    residual add."""
     a = dwconv3d(u, attn_weight, attn_bias)
-    y = F.linear(a.permute(0, 2, 3, 4, 1), conv2_weight.flatten(1), conv2_bias).permute(0, 4, 1, 2, 3)
+    y = linear(a.permute(0, 2, 3, 4, 1), conv2_weight.flatten(1), conv2_bias).permute(0, 4, 1, 2, 3)
     return y if residual is None else residual + y
 
 
