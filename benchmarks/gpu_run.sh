@@ -7,7 +7,7 @@
 #   2. measures the ceilings: copy bandwidth and bf16 matmul rate (benchmarks/ceilings.py);
 #   3. runs the whole test suite on CUDA with compiled kernels (TRITON_INTERPRET=0,
 #      UNIFORMER_FAST_TEST_DEVICE=cuda: tests that take the `device` fixture run on the GPU);
-#   4. runs the benchmarks in parts (ops, blocks, model), each time-boxed;
+#   4. runs the benchmarks in parts (ops, linear, blocks, model), each time-boxed;
 #   5. writes benchmarks/results/<gpu>-<date>.{json,md,png} (+ the .jsonl the parts append to and
 #      tests.log), rewriting the report after every part so a run cut off keeps what it measured,
 #      and copies them to $OUT when that is set;
@@ -131,6 +131,7 @@ part() {  # part NAME CAP RESERVE FILES...
 }
 part dwconv3d 150 200 benchmarks/test_dwconv3d.py
 part attention 70 140 benchmarks/test_attention.py
+part linear 50 120 benchmarks/test_linear.py  # the fused bias+GELU matmul vs cuBLAS + GELU (#6)
 part blocks 100 60 benchmarks/test_blocks.py
 part model 200 20 benchmarks/test_whole_model.py
 
