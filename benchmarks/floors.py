@@ -296,13 +296,15 @@ BLOCK_PASSES = {
     # This project's fused path: residual fused into the DPE kernel, which also emits bn1's
     # batch statistics (ops.dpe_bn_stats: no statistics pass), bn1 applied on load into conv1
     # (folded into conv1's weights for the step: no normalisation pass), the Local MHRA tail
-    # (dwconv5 -> conv2 -> + x) one kernel reading the conv1 output and the residual stream.
+    # (dwconv5 -> conv2 -> + x) one kernel reading the conv1 output and the residual stream and
+    # emitting bn2's batch statistics (ops.local_mhra_tail_bn_stats: no statistics pass), bn2
+    # folded into fc1's weights the same way (no normalisation pass).
     # Not counted, like the weights: the statistics' float32 partials (3 x C per 64-position
-    # tile, ~9% of a bf16 activation, written once and read once by the merge).
+    # tile, ~9% of a bf16 activation, written once and read once by the merge), for each BN.
     ("CBlock", "fused"): [
         ("dpe conv3x3x3 + x, bn1 statistics", 1, 1), ("conv1, bn1 folded into its weights", 1, 1),
-        ("dwconv5 + conv2 + x", 2, 1),
-        ("bn2 statistics", 1, 0), ("bn2 normalise", 1, 1), ("fc1", 1, "R"), ("gelu", "R", "R"),
+        ("dwconv5 + conv2 + x, bn2 statistics", 2, 1),
+        ("fc1, bn2 folded into its weights", 1, "R"), ("gelu", "R", "R"),
         ("fc2", "R", 1), ("+ residual", 2, 1)],
     ("SABlock", "reference"): [
         ("dpe conv3x3x3", 1, 1), ("dpe + x", 2, 1), ("norm1", 1, 1), ("qkv", 1, 3),

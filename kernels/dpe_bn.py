@@ -298,14 +298,33 @@ def dpe_bn_stats_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, kernel_si
         KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None,
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
     )
-    mcfg = merge_config()
-    geometry = (THW, tiles_per_batch, cfg["BLOCK_P"])
-    if G <= mcfg["ROWS_PER_GROUP"]:
-        mean, var = _merge(phi, None, phi, psdev, pm2, C, G, *geometry, True, mcfg, x.device)
-    else:
-        count, gmean, gm2 = _merge(phi, None, phi, psdev, pm2, C, G, *geometry, False, mcfg, x.device)
-        mean, var = _merge(phi, count, gmean, None, gm2, C, count.shape[0], *geometry, True, mcfg, x.device)
+    mean, var = merge_tile_partials(phi, psdev, pm2, THW, tiles_per_batch, cfg["BLOCK_P"])
     return y.permute(0, 4, 1, 2, 3), mean, var
+
+
+def merge_tile_partials(phi: torch.Tensor, psdev: torch.Tensor, pm2: torch.Tensor, THW: int,
+                        tiles_per_batch: int, tile_p: int):
+    """The per-channel batch mean and biased variance from a forward kernel's tile partials.
+
+    Args:
+        phi, psdev, pm2: (G, C) float32 contiguous, ``G = B * tiles_per_batch``: row
+            ``b * tiles_per_batch + tile`` holds the tile's mean ``hi`` of y, its sum of
+            ``y - hi`` and its ``sum (y - hi)^2`` (:func:`dpe_bn_stats_fwd_kernel`'s epilogue;
+            kernels/local_mhra.py's tail kernel writes the same).
+        THW: positions per batch element; tile_p: positions per tile (the forward's BLOCK_P),
+            the last tile of each batch element holding the rest.
+
+    Returns:
+        ``(mean, var)``, (C,) float32; var biased (divided by ``B * THW``). One or two levels of
+        the fixed-order merge (deterministic).
+    """
+    G, C = phi.shape
+    mcfg = merge_config()
+    geometry = (THW, tiles_per_batch, tile_p)
+    if G <= mcfg["ROWS_PER_GROUP"]:
+        return _merge(phi, None, phi, psdev, pm2, C, G, *geometry, True, mcfg, phi.device)
+    count, gmean, gm2 = _merge(phi, None, phi, psdev, pm2, C, G, *geometry, False, mcfg, phi.device)
+    return _merge(phi, count, gmean, None, gm2, C, count.shape[0], *geometry, True, mcfg, phi.device)
 
 
 def bn_stats_bwd(y: torch.Tensor, grad_y, mean: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor):

@@ -18,6 +18,13 @@ Layouts (channels-last, unit channel stride; other strides free):
   ``y = a @ conv2_wt``.
 - ``y``: (B, T, H, W, C) contiguous (dense ``channels_last_3d``), written here.
 
+With ``STATS`` the kernel also writes, per program, the partial batch statistics of the y it
+stores (the tile's mean ``hi``, sum of ``y - hi`` and ``M2`` about ``hi`` per channel: the layout
+of kernels/dpe_bn.py, whose merge kernel reduces them to the batch mean and biased variance), so
+the CBlock's ``norm2`` in training needs no statistics pass over y
+(:func:`local_mhra_tail_bn_stats_fwd`). Its backward adds the statistics' gradients with
+kernels/dpe_bn.py's elementwise kernel, then runs the tail's backward.
+
 The backward recomputes ``a`` with kernels/dwconv3d.py's forward kernel and reuses its kernels for
 the depthwise gradients; the projection gradients are plain matmuls (uniformer_fast/ops/local_mhra.py).
 
@@ -32,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .dpe_bn import merge_tile_partials
 from .dwconv3d import conv_tile
 from .attention import dot_precision, matmul_kind
 
@@ -110,11 +118,15 @@ def local_mhra_tail_fwd_kernel(
     b2_ptr,  # (C,) projection bias, or a dummy when HAS_CONV2_BIAS is False
     r_ptr,  # (B, T, H, W, C) strided, unit channel stride, or a dummy when HAS_RESIDUAL is False
     y_ptr,  # (B, T, H, W, C) contiguous
+    phi_ptr,  # STATS: (B * tiles_per_batch, C) float32, each tile's per-channel mean of y: hi; else a dummy
+    psdev_ptr,  # STATS: (B * tiles_per_batch, C) float32, each tile's sum of (y - hi); else a dummy
+    pm2_ptr,  # STATS: (B * tiles_per_batch, C) float32, each tile's sum of (y - hi)^2; else a dummy
     C, T, H, W,
     stride_ub, stride_ut, stride_uh, stride_uw,
     stride_rb, stride_rt, stride_rh, stride_rw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_ATTN_BIAS: tl.constexpr, HAS_CONV2_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    STATS: tl.constexpr,  # also write the BatchNorm partial statistics of y (kernels/dpe_bn.py's layout)
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -144,7 +156,20 @@ def local_mhra_tail_fwd_kernel(
                  + w.to(tl.int64) * stride_rw)
         y += tl.load(r_ptr + r_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
     y_off = (pid_b * THW + p) * C
-    tl.store(y_ptr + y_off[:, None] + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_off[:, None] + c[None, :], y, mask=mask)
+    if STATS:
+        # The next BatchNorm's partial statistics of the stored y over this tile's valid positions,
+        # exactly as kernels/dpe_bn.py's forward writes them (the tile mean hi, the sum of
+        # deviations from it and M2 about it; row b * tiles_per_batch + tile), for its merge.
+        n = tl.minimum(THW - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        hi = tl.sum(yf, axis=0) / n
+        dev = tl.where(mask, yf - hi[None, :], 0.0)
+        row = (pid_b * tl.num_programs(0) + pid_p) * C
+        tl.store(phi_ptr + row + c, hi, mask=c_mask)
+        tl.store(psdev_ptr + row + c, tl.sum(dev, axis=0), mask=c_mask)
+        tl.store(pm2_ptr + row + c, tl.sum(dev * dev, axis=0), mask=c_mask)
 
 
 # --- launcher -------------------------------------------------------------------------------------
@@ -152,6 +177,41 @@ def local_mhra_tail_fwd_kernel(
 def _check_channel_stride(name: str, t: torch.Tensor) -> None:
     if t.shape[1] != 1 and t.stride(1) != 1:
         raise ValueError(f"{name} must have unit channel stride (channels_last_3d); got strides {t.stride()}")
+
+
+def _launch(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size, stats):
+    """Checks, launches the forward kernel; returns y (B, T, H, W, C) contiguous and, when
+    ``stats``, the tile partials ``(phi, psdev, pm2)`` and the tile geometry, else None."""
+    _check_channel_stride("u", u)
+    if residual is not None:
+        _check_channel_stride("residual", residual)
+    B, C, T, H, W = u.shape
+    KT, KH, KW = kernel_size
+    assert attn_taps.shape == (KT * KH * KW, C) and attn_taps.is_contiguous()
+    assert conv2_wt.shape == (C, C) and conv2_wt.is_contiguous()
+    y = torch.empty((B, T, H, W, C), dtype=u.dtype, device=u.device)
+    cfg = fwd_config(C, u.dtype)
+    BLOCK_P = cfg["BLOCK_P"]
+    tiles_per_batch = triton.cdiv(T * H * W, BLOCK_P)
+    if stats:
+        phi = torch.empty((B * tiles_per_batch, C), dtype=torch.float32, device=u.device)
+        psdev, pm2 = torch.empty_like(phi), torch.empty_like(phi)
+    else:
+        phi = psdev = pm2 = y
+    sub, _, sut, suh, suw = u.stride()
+    srb, _, srt, srh, srw = residual.stride() if residual is not None else (0,) * 5
+    grid = (tiles_per_batch, B)
+    local_mhra_tail_fwd_kernel[grid](
+        u, attn_taps, attn_bias if attn_bias is not None else attn_taps, conv2_wt,
+        conv2_bias if conv2_bias is not None else conv2_wt, residual if residual is not None else u, y,
+        phi, psdev, pm2,
+        C, T, H, W, sub, sut, suh, suw, srb, srt, srh, srw,
+        KT=KT, KH=KH, KW=KW, HAS_ATTN_BIAS=attn_bias is not None,
+        HAS_CONV2_BIAS=conv2_bias is not None, HAS_RESIDUAL=residual is not None, STATS=stats,
+        PRECISION=dot_precision(u.dtype), UPCAST=INTERPRET,
+        BLOCK_P=BLOCK_P, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return y, ((phi, psdev, pm2), (T * H * W, tiles_per_batch, BLOCK_P)) if stats else None
 
 
 def local_mhra_tail_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, conv2_wt: torch.Tensor,
@@ -170,26 +230,21 @@ def local_mhra_tail_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, con
     Returns:
         (B, C, T, H, W) in dense ``channels_last_3d`` memory, u's dtype.
     """
-    _check_channel_stride("u", u)
-    if residual is not None:
-        _check_channel_stride("residual", residual)
-    B, C, T, H, W = u.shape
-    KT, KH, KW = kernel_size
-    assert attn_taps.shape == (KT * KH * KW, C) and attn_taps.is_contiguous()
-    assert conv2_wt.shape == (C, C) and conv2_wt.is_contiguous()
-    y = torch.empty((B, T, H, W, C), dtype=u.dtype, device=u.device)
-    cfg = fwd_config(C, u.dtype)
-    BLOCK_P = cfg["BLOCK_P"]
-    sub, _, sut, suh, suw = u.stride()
-    srb, _, srt, srh, srw = residual.stride() if residual is not None else (0,) * 5
-    grid = (triton.cdiv(T * H * W, BLOCK_P), B)
-    local_mhra_tail_fwd_kernel[grid](
-        u, attn_taps, attn_bias if attn_bias is not None else attn_taps, conv2_wt,
-        conv2_bias if conv2_bias is not None else conv2_wt, residual if residual is not None else u, y,
-        C, T, H, W, sub, sut, suh, suw, srb, srt, srh, srw,
-        KT=KT, KH=KH, KW=KW, HAS_ATTN_BIAS=attn_bias is not None,
-        HAS_CONV2_BIAS=conv2_bias is not None, HAS_RESIDUAL=residual is not None,
-        PRECISION=dot_precision(u.dtype), UPCAST=INTERPRET,
-        BLOCK_P=BLOCK_P, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-    )
+    y, _ = _launch(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size, False)
     return y.permute(0, 4, 1, 2, 3)
+
+
+def local_mhra_tail_bn_stats_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, conv2_wt: torch.Tensor,
+                                 conv2_bias, residual, kernel_size: tuple):
+    """:func:`local_mhra_tail_fwd`'s y and the per-channel batch mean and biased variance of y
+    (as stored, rounded to u's dtype) for the BatchNorm that follows: the kernel writes per-tile
+    partials from its registers, kernels/dpe_bn.py's fixed-order merge reduces them.
+
+    Returns:
+        ``(y, mean, var)``: y as :func:`local_mhra_tail_fwd`; mean and var (C,) float32 over
+        (B, T, H, W), var divided by N = B*T*H*W. Deterministic (no atomics).
+    """
+    y, (partials, geometry) = _launch(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size,
+                                      True)
+    mean, var = merge_tile_partials(*partials, *geometry)
+    return y.permute(0, 4, 1, 2, 3), mean, var

@@ -297,20 +297,21 @@ K = importlib.import_module("uniformer_fast.kernels.local_mhra")
 KINDS = [(torch.bfloat16, "16bit"), (torch.float32, "tf32"), (torch.float32, "ieee")]
 
 
-def _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch, flags=(True, True, True)):
+def _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch, flags=(True, True, True), stats=False):
     p = PTR[dtype]
-    sig = dict(u_ptr=p, taps_ptr=p, ab_ptr=p, w2_ptr=p, b2_ptr=p, r_ptr=p, y_ptr=p, C="i32", T="i32",
+    sig = dict(u_ptr=p, taps_ptr=p, ab_ptr=p, w2_ptr=p, b2_ptr=p, r_ptr=p, y_ptr=p,
+               phi_ptr="*fp32", psdev_ptr="*fp32", pm2_ptr="*fp32", C="i32", T="i32",
                H="i32", W="i32", stride_ub="i32", stride_ut="i32", stride_uh="i32", stride_uw="i32",
                stride_rb="i32", stride_rt="i32", stride_rh="i32", stride_rw="i32")
     cfg = K.gpu_config(block_c, kind)
     constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_ATTN_BIAS=flags[0],
-                      HAS_CONV2_BIAS=flags[1], HAS_RESIDUAL=flags[2],
+                      HAS_CONV2_BIAS=flags[1], HAS_RESIDUAL=flags[2], STATS=stats,
                       PRECISION="tf32" if kind == "tf32" else "ieee", UPCAST=False,
                       BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"])
     # With C a multiple of 16 every stride is one too, and torch allocations are 16-byte aligned.
     aligned = [k for k, v in sig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
     r = compile_for_gpu(K.local_mhra_tail_fwd_kernel, sig, constexprs, arch, cfg["num_warps"], aligned=aligned)
-    what = f"C{block_c} {dtype} {kind} {kernel} {flags} {cfg} sm_{arch}"
+    what = f"C{block_c} {dtype} {kind} {kernel} {flags} stats={stats} {cfg} sm_{arch}"
     print(f"{what}: regs {r['regs']} stack {r['stack']} local {r['local']} shared {r['shared']} "
           f"wgmma {'wgmma' in r['ptx']} mma.sync {'mma.sync' in r['ptx']} LDG.E.128 {'LDG.E.128' in r['sass']}")
     assert r["local"] == 0 and r["stack"] == 0, f"{what}: register spills ({r['regs']} regs, stack {r['stack']} B)"
@@ -341,3 +342,12 @@ def test_other_variants_compile(arch, compile_for_gpu, gpu_configs):
     _compile(compile_for_gpu, 128, torch.float16, "16bit", (5, 5, 5), arch)
     _compile(compile_for_gpu, 128, torch.bfloat16, "16bit", (3, 3, 3), arch)
     _compile(compile_for_gpu, 128, torch.bfloat16, "16bit", (5, 5, 5), arch, flags=(False, False, False))
+
+
+@pytest.mark.parametrize("arch", (80, 90))
+@pytest.mark.parametrize("dtype,kind", KINDS, ids=lambda v: v if isinstance(v, str) else str(v)[6:])
+@pytest.mark.parametrize("block_c", K.BLOCK_CS, ids=lambda c: f"C{c}")
+def test_forward_with_bn_stats_compiles(block_c, dtype, kind, arch, compile_for_gpu, gpu_configs):
+    """The STATS variant (BatchNorm partials written from the registers, ops.local_mhra_tail_bn_stats)
+    at every launch config, UniFormer's 5x5x5: no spills, 16-byte loads, tensor cores."""
+    _compile(compile_for_gpu, block_c, dtype, kind, (5, 5, 5), arch, stats=True)

@@ -131,15 +131,15 @@ def _bn_uses_batch_statistics(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm3d) and (bn.training or (bn.running_mean is None and bn.running_var is None))
 
 
-def _dpe_batchnorm_pointwise(dpe: nn.Conv3d, bn: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor):
-    """``y = x + dpe(x)`` and ``conv(bn(y))`` with ``bn`` on batch statistics, as the unfused
-    ``conv(bn(y))`` computes them (running statistics updated the same way), in fewer passes over
-    the activation: :func:`ops.dpe_bn_stats` emits the statistics with y, and the normalisation is
-    applied on load into ``conv`` by folding it into conv's weights for this step,
+def _batchnorm_pointwise(bn: nn.BatchNorm3d, conv: nn.Conv3d, y: torch.Tensor, mean: torch.Tensor,
+                         var: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
+    """``activation(conv(bn(y)))`` with ``bn`` on the batch statistics ``mean``, ``var`` (biased)
+    of y that an op emitted with y, as the unfused path computes it (bn's running statistics
+    updated the same way as ``nn.BatchNorm3d``), without a normalisation pass: bn is applied on
+    load into ``conv`` by folding it into conv's weights for this step,
     ``conv(bn(y)) = (W diag(s)) y + (W t + b)`` with ``s = gamma / sqrt(var + eps)`` and
     ``t = beta - mean s``. The fold is differentiable, so gradients reach gamma, beta and,
-    through mean and var, y. Returns ``(y, conv(bn(y)))``, (B, C, T, H, W) each."""
-    y, mean, var = ops.dpe_bn_stats(x, dpe.weight, dpe.bias)
+    through mean and var, y. y (B, C, T, H, W); returns (B, C_out, T, H, W)."""
     n = y.numel() // y.shape[1]
     if n <= 1:  # as F.batch_norm: a variance needs two values
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
@@ -163,8 +163,17 @@ def _dpe_batchnorm_pointwise(dpe: nn.Conv3d, bn: nn.BatchNorm3d, conv: nn.Conv3d
     b = (w * t).sum(1)
     if conv.bias is not None:
         b = b + conv.bias.to(s.dtype)
-    a = ops.linear(y.permute(0, 2, 3, 4, 1), (w * s).to(y.dtype), b.to(y.dtype))
-    return y, a.permute(0, 4, 1, 2, 3)
+    a = ops.linear(y.permute(0, 2, 3, 4, 1), (w * s).to(y.dtype), b.to(y.dtype), activation=activation)
+    return a.permute(0, 4, 1, 2, 3)
+
+
+def _dpe_batchnorm_pointwise(dpe: nn.Conv3d, bn: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor):
+    """``y = x + dpe(x)`` and ``conv(bn(y))`` with ``bn`` on batch statistics, in fewer passes over
+    the activation: :func:`ops.dpe_bn_stats` emits the statistics with y, and
+    :func:`_batchnorm_pointwise` folds the normalisation into conv. Returns ``(y, conv(bn(y)))``,
+    (B, C, T, H, W) each."""
+    y, mean, var = ops.dpe_bn_stats(x, dpe.weight, dpe.bias)
+    return y, _batchnorm_pointwise(bn, conv, y, mean, var)
 
 
 class CBlock(nn.Module):
@@ -195,7 +204,13 @@ class CBlock(nn.Module):
             a = ops.dwconv3d(a, self.attn.weight, self.attn.bias)
             x = x + self.drop_path(_pointwise(self.conv2, a))
         else:
-            x = ops.local_mhra_tail(a, self.attn.weight, self.attn.bias, self.conv2.weight, self.conv2.bias, x)
+            tail = (a, self.attn.weight, self.attn.bias, self.conv2.weight, self.conv2.bias, x)
+            if _bn_uses_batch_statistics(self.norm2) and ops.local_mhra_tail_bn_stats_backend(*tail) != "reference":
+                # The tail kernel emits norm2's batch statistics; norm2 is folded into fc1 (+ GELU).
+                x, mean, var = ops.local_mhra_tail_bn_stats(*tail)
+                h = self.mlp.drop(_batchnorm_pointwise(self.norm2, self.mlp.fc1, x, mean, var, activation="gelu"))
+                return x + self.drop_path(self.mlp.drop(_pointwise(self.mlp.fc2, h)))
+            x = ops.local_mhra_tail(*tail)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -10,7 +10,7 @@ from .dpe import dpe_layernorm
 from .dpe_bn import dpe_bn_stats, dpe_bn_stats_backend
 from .dwconv3d import dwconv3d
 from .linear import linear
-from .local_mhra import local_mhra_tail
+from .local_mhra import local_mhra_tail, local_mhra_tail_bn_stats, local_mhra_tail_bn_stats_backend
 from .reference import (attention_reference, dpe_layernorm_reference, dwconv3d_reference,
                         linear_reference)
 from .reference import local_mhra_tail_reference
@@ -20,4 +20,5 @@ __all__ = [
     "dpe_layernorm", "dpe_layernorm_reference", "dwconv3d", "dwconv3d_reference", "get_backend",
     "linear", "linear_reference", "set_backend",
     "use_backend", "local_mhra_tail", "local_mhra_tail_reference", "dpe_bn_stats", "dpe_bn_stats_backend",
+    "local_mhra_tail_bn_stats", "local_mhra_tail_bn_stats_backend",
 ]

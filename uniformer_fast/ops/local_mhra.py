@@ -5,6 +5,11 @@ backend in force, then the 1x1x1 projection as a matmul, then the add); ``"trito
 kernel for the forward (kernels/local_mhra.py) and, for the backward, a recomputation of the
 depthwise output with the dwconv3d kernels, two matmuls for the projection and the dwconv3d
 gradient kernels.
+
+``local_mhra_tail_bn_stats`` is the same tail returning also the per-channel batch mean and biased
+variance of its output, for the BatchNorm (``norm2``) a training CBlock applies next: on "triton"
+the tail kernel writes them as per-tile partials (merged by kernels/dpe_bn.py), on "reference"
+``torch.var_mean`` of the composed tail.
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ import torch
 
 from . import backend as _backend
 from ._validate import check_like, check_tensor
+from .dpe_bn import _stats_dtype, dpe_bn_stats_triton_bwd
 from .dwconv3d import (MAX_KERNEL, _channels_last, _empty_channels_last, _weight_taps, dwconv3d,
                        dwconv3d_triton_bwd_dw, dwconv3d_triton_fwd)
 from .linear import linear
 
 _backend.define_op("local_mhra_tail", auto={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+_backend.define_op("local_mhra_tail_bn_stats", auto={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 CL = torch.channels_last_3d
 
@@ -119,6 +126,42 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
 
 
+def _tail_triton_backward(u, attn_weight, attn_bias, conv2_weight, grad_y, needs_input_grad,
+                          has_conv2_bias, has_residual):
+    """The gradients of (u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual) from y's
+    gradient: ``a = dwconv(u) + attn_bias`` recomputed with the dwconv3d kernels, the projection's
+    gradients as matmuls, the depthwise gradients with the dwconv3d kernels."""
+    need_u, need_aw, need_ab, need_w2, need_b2, need_r = needs_input_grad
+    need_ab = need_ab and attn_bias is not None
+    # Dense channels-last, so that (N, C) views feed the projection matmuls (this also makes
+    # the stride-0 gradient of y.sum().backward() real).
+    gy = grad_y.contiguous(memory_format=CL)
+    dy = _flat(gy)
+    kernel = list(attn_weight.shape[2:])
+    grad_u = grad_aw = grad_ab = grad_w2 = grad_b2 = grad_r = None
+    if need_w2:  # dW2 = dy^T a, with a recomputed as the forward had it (rounded to u's dtype)
+        ab = None if attn_bias is None else attn_bias.detach().contiguous()
+        a = dwconv3d_triton_fwd(u, _weight_taps(attn_weight), ab, False, kernel)
+        grad_w2 = (dy.t() @ _flat(a)).reshape(conv2_weight.shape)
+    if need_b2 and has_conv2_bias:
+        grad_b2 = dy.sum(0, dtype=torch.float32).to(conv2_weight.dtype)
+    if need_u or need_aw or need_ab:
+        B, C, T, H, W = gy.shape
+        # d_a = dy @ W2 (y = a @ W2^T), (N, C) contiguous: a dense channels-last (B, C, T, H, W).
+        d_a = (dy @ conv2_weight.detach().flatten(1)).view(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+        if need_u:  # du = conv(d_a, point-reflected kernel)
+            grad_u = dwconv3d_triton_fwd(d_a, _weight_taps(attn_weight, flip=True), None, False, kernel)
+        if need_aw or need_ab:
+            dw_taps, db = dwconv3d_triton_bwd_dw(u, d_a, kernel)
+            if need_aw:
+                grad_aw = dw_taps.t().reshape(attn_weight.shape).to(attn_weight.dtype)
+            if need_ab:
+                grad_ab = db.to(attn_weight.dtype)
+    if need_r and has_residual:
+        grad_r = grad_y
+    return grad_u, grad_aw, grad_ab, grad_w2, grad_b2, grad_r
+
+
 class _LocalMHRATailTriton(torch.autograd.Function):
     """The fused forward; the backward recomputes ``a = dwconv(u) + attn_bias`` instead of storing
     it. Activations and gradients are (B, C, T, H, W) with unit channel stride; the output and the
@@ -140,35 +183,8 @@ class _LocalMHRATailTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         u, attn_weight, attn_bias, conv2_weight = ctx.saved_tensors
-        need_u, need_aw, need_ab, need_w2, need_b2, need_r = ctx.needs_input_grad
-        need_ab = need_ab and attn_bias is not None
-        # Dense channels-last, so that (N, C) views feed the projection matmuls (this also makes
-        # the stride-0 gradient of y.sum().backward() real).
-        gy = grad_y.contiguous(memory_format=CL)
-        dy = _flat(gy)
-        kernel = list(attn_weight.shape[2:])
-        grad_u = grad_aw = grad_ab = grad_w2 = grad_b2 = grad_r = None
-        if need_w2:  # dW2 = dy^T a, with a recomputed as the forward had it (rounded to u's dtype)
-            ab = None if attn_bias is None else attn_bias.detach().contiguous()
-            a = dwconv3d_triton_fwd(u, _weight_taps(attn_weight), ab, False, kernel)
-            grad_w2 = (dy.t() @ _flat(a)).reshape(conv2_weight.shape)
-        if need_b2 and ctx.has_conv2_bias:
-            grad_b2 = dy.sum(0, dtype=torch.float32).to(conv2_weight.dtype)
-        if need_u or need_aw or need_ab:
-            B, C, T, H, W = gy.shape
-            # d_a = dy @ W2 (y = a @ W2^T), (N, C) contiguous: a dense channels-last (B, C, T, H, W).
-            d_a = (dy @ conv2_weight.detach().flatten(1)).view(B, T, H, W, C).permute(0, 4, 1, 2, 3)
-            if need_u:  # du = conv(d_a, point-reflected kernel)
-                grad_u = dwconv3d_triton_fwd(d_a, _weight_taps(attn_weight, flip=True), None, False, kernel)
-            if need_aw or need_ab:
-                dw_taps, db = dwconv3d_triton_bwd_dw(u, d_a, kernel)
-                if need_aw:
-                    grad_aw = dw_taps.t().reshape(attn_weight.shape).to(attn_weight.dtype)
-                if need_ab:
-                    grad_ab = db.to(attn_weight.dtype)
-        if need_r and ctx.has_residual:
-            grad_r = grad_y
-        return grad_u, grad_aw, grad_ab, grad_w2, grad_b2, grad_r
+        return _tail_triton_backward(u, attn_weight, attn_bias, conv2_weight, grad_y, ctx.needs_input_grad,
+                                     ctx.has_conv2_bias, ctx.has_residual)
 
 
 @_backend.register("local_mhra_tail", "triton", why_not=_triton_why_not)
@@ -178,3 +194,115 @@ def local_mhra_tail_triton(u, attn_weight, attn_bias, conv2_weight, conv2_bias, 
     channel stride, else converted to ``channels_last_3d`` once). Returns (B, C, T, H, W) in dense
     ``channels_last_3d`` memory; weight gradients are float32-accumulated and deterministic."""
     return _LocalMHRATailTriton.apply(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual)
+
+
+# --- local_mhra_tail_bn_stats: the tail and the batch statistics of its output -------------------
+#
+# In a training CBlock the BatchNorm ``norm2`` needs the batch statistics of the tail's output
+# before it can normalise. The "triton" backend has the tail kernel write per-tile partials from
+# its registers (kernels/dpe_bn.py's layout and merge), so y is not read again for them; the
+# model then folds the normalisation into fc1's weights (uniformer_fast/model.py).
+
+def local_mhra_tail_bn_stats(u: torch.Tensor, attn_weight: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                             conv2_weight: torch.Tensor, conv2_bias: Optional[torch.Tensor],
+                             residual: Optional[torch.Tensor] = None, *,
+                             backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`local_mhra_tail` and the batch statistics a training BatchNorm takes of its output.
+
+    Args: as :func:`local_mhra_tail`.
+
+    Returns:
+        ``(y, mean, var)``: y (B, C, T, H, W) ``= residual + conv2(dwconv(u) + attn_bias)``
+        (dense ``channels_last_3d`` on "triton"); mean and var (C,), the mean and the biased
+        variance (divided by N = B*T*H*W) of y per channel, of y as stored (rounded to its dtype),
+        in float32 (float64 for float64 inputs). All three are differentiable. Under autocast, y
+        in the autocast dtype.
+    """
+    args = _backend.autocast_inputs(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual)
+    _validate(*args)
+    _, fn = _backend.resolve("local_mhra_tail_bn_stats", backend, args[0].device, *args)
+    return fn(*args)
+
+
+def local_mhra_tail_bn_stats_backend(u: torch.Tensor, attn_weight: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                                     conv2_weight: torch.Tensor, conv2_bias: Optional[torch.Tensor],
+                                     residual: Optional[torch.Tensor] = None, *,
+                                     backend: Optional[str] = None) -> str:
+    """The backend name :func:`local_mhra_tail_bn_stats` would run these arguments on (raises as
+    it would). The model takes its fused BatchNorm route only when this is not ``"reference"``."""
+    args = _backend.autocast_inputs(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual)
+    _validate(*args)
+    return _backend.resolve("local_mhra_tail_bn_stats", backend, args[0].device, *args)[0]
+
+
+@_backend.register("local_mhra_tail_bn_stats", "reference")
+def local_mhra_tail_bn_stats_composed(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
+    """``ops.local_mhra_tail`` (its own backend choice), then ``torch.var_mean`` over
+    (B, T, H, W) in float32 (float64 for float64). Differentiable."""
+    y = local_mhra_tail(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual)
+    var, mean = torch.var_mean(y.to(_stats_dtype(y.dtype)), dim=(0, 2, 3, 4), correction=0)
+    return y, mean, var
+
+
+@torch.library.custom_op("uniformer_fast::local_mhra_tail_bn_stats_triton_fwd", mutates_args=())
+def local_mhra_tail_bn_stats_triton_fwd(
+        u: torch.Tensor, attn_taps: torch.Tensor, attn_bias: Optional[torch.Tensor], conv2_wt: torch.Tensor,
+        conv2_bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+        kernel_size: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As local_mhra_tail_triton_fwd -> y (B, C, T, H, W) dense channels_last_3d, and the float32
+    batch mean and biased variance of y per channel (C,)."""
+    from ..kernels.local_mhra import local_mhra_tail_bn_stats_fwd
+    return local_mhra_tail_bn_stats_fwd(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual,
+                                        tuple(kernel_size))
+
+
+@local_mhra_tail_bn_stats_triton_fwd.register_fake
+def _(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size):
+    C = u.shape[1]
+    return _empty_channels_last(u), u.new_empty(C, dtype=torch.float32), u.new_empty(C, dtype=torch.float32)
+
+
+class _LocalMHRATailBNStatsTriton(torch.autograd.Function):
+    """The fused forward with the statistics epilogue. Backward: kernels/dpe_bn.py's elementwise
+    kernel adds the statistics' gradients to y's (``dy + g_mean / N + 2 g_var (y - mean) / N``,
+    y read back), then the tail's backward runs on that total."""
+
+    @staticmethod
+    def forward(ctx, u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
+        u = _channels_last(u)
+        ab = None if attn_bias is None else attn_bias.detach().contiguous()
+        b2 = None if conv2_bias is None else conv2_bias.detach().contiguous()
+        r = None if residual is None else _channels_last(residual)
+        w2t = conv2_weight.detach().flatten(1).t().contiguous()
+        y, mean, var = local_mhra_tail_bn_stats_triton_fwd(u, _weight_taps(attn_weight), ab, w2t, b2, r,
+                                                           list(attn_weight.shape[2:]))
+        # y is the op's output (kept alive by its consumers anyway): saving it costs no memory.
+        ctx.save_for_backward(u, attn_weight, attn_bias, conv2_weight, y, mean)
+        ctx.has_conv2_bias, ctx.has_residual = conv2_bias is not None, residual is not None
+        ctx.set_materialize_grads(False)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        u, attn_weight, attn_bias, conv2_weight, y, mean = ctx.saved_tensors
+        if grad_mean is None and grad_var is None:
+            if grad_y is None:
+                return (None,) * 6
+            gy = grad_y
+        else:
+            # d mean / dy = 1 / N and d var / dy = 2 (y - mean) / N, per channel.
+            n = y.numel() // y.shape[1]
+            zeros = torch.zeros_like(mean)
+            k_mean = zeros if grad_mean is None else (grad_mean.float() / n).contiguous()
+            k_var = zeros if grad_var is None else (grad_var.float() * (2.0 / n)).contiguous()
+            gy = dpe_bn_stats_triton_bwd(y, None if grad_y is None else _channels_last(grad_y), mean, k_mean, k_var)
+        return _tail_triton_backward(u, attn_weight, attn_bias, conv2_weight, gy, ctx.needs_input_grad,
+                                     ctx.has_conv2_bias, ctx.has_residual)
+
+
+@_backend.register("local_mhra_tail_bn_stats", "triton", why_not=_triton_why_not)
+def local_mhra_tail_bn_stats_triton(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
+    """The "triton" backend: as local_mhra_tail's, plus float32 statistics of y written by the same
+    kernel (deterministic merge). Backward: one elementwise kernel adds the statistics' gradients
+    to y's, then the tail's Triton backward."""
+    return _LocalMHRATailBNStatsTriton.apply(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual)
