@@ -85,6 +85,24 @@ def bwd_config() -> dict:
 
 
 @triton.jit
+def store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_ptr, pm2_ptr,
+                      BLOCK_P: tl.constexpr):
+    """A BatchNorm's partial statistics of the stored tile y (BLOCK_P, BLOCK_C) over its valid
+    positions (mask), about the tile's float32 mean hi: the sum of deviations from hi keeps what
+    rounding hi lost (the exact tile mean is hi + sdev / n), and M2 about hi (two passes over the
+    registers, never sum y^2 - n mean^2). Row b * tiles_per_batch + tile of each (G, C) array, the
+    layout merge_tile_partials reads; every kernel that emits BN statistics writes them here."""
+    n = tl.minimum(THW - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    hi = tl.sum(yf, axis=0) / n
+    dev = tl.where(mask, yf - hi[None, :], 0.0)
+    row = (pid_b * tl.num_programs(0) + pid_p) * C
+    tl.store(phi_ptr + row + c, hi, mask=c_mask)
+    tl.store(psdev_ptr + row + c, tl.sum(dev, axis=0), mask=c_mask)
+    tl.store(pm2_ptr + row + c, tl.sum(dev * dev, axis=0), mask=c_mask)
+
+
+@triton.jit
 def dpe_bn_stats_fwd_kernel(
     x_ptr,  # (B, T, H, W, C) strided, unit channel stride
     w_ptr,  # (KT * KH * KW, C) contiguous
@@ -112,17 +130,7 @@ def dpe_bn_stats_fwd_kernel(
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + ((pid_b * THW + p) * C)[:, None] + c[None, :], y, mask=mask)
 
-    # The statistics of the stored y over this tile's valid positions, about the tile's float32
-    # mean hi: the sum of deviations from hi keeps what rounding hi lost (the exact tile mean is
-    # hi + sdev / n), and M2 about hi (two passes over the registers, never sum y^2 - n mean^2).
-    n = tl.minimum(THW - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
-    yf = tl.where(mask, y.to(tl.float32), 0.0)
-    hi = tl.sum(yf, axis=0) / n
-    dev = tl.where(mask, yf - hi[None, :], 0.0)
-    row = (pid_b * tl.num_programs(0) + pid_p) * C
-    tl.store(phi_ptr + row + c, hi, mask=c_mask)
-    tl.store(psdev_ptr + row + c, tl.sum(dev, axis=0), mask=c_mask)
-    tl.store(pm2_ptr + row + c, tl.sum(dev * dev, axis=0), mask=c_mask)
+    store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_ptr, pm2_ptr, BLOCK_P)
 
 
 @triton.jit

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .dpe_bn import merge_tile_partials
+from .dpe_bn import merge_tile_partials, store_bn_partials
 from .dwconv3d import conv_tile
 from .attention import dot_precision, matmul_kind
 
@@ -158,18 +158,8 @@ def local_mhra_tail_fwd_kernel(
     y_off = (pid_b * THW + p) * C
     y = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_off[:, None] + c[None, :], y, mask=mask)
-    if STATS:
-        # The next BatchNorm's partial statistics of the stored y over this tile's valid positions,
-        # exactly as kernels/dpe_bn.py's forward writes them (the tile mean hi, the sum of
-        # deviations from it and M2 about it; row b * tiles_per_batch + tile), for its merge.
-        n = tl.minimum(THW - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
-        yf = tl.where(mask, y.to(tl.float32), 0.0)
-        hi = tl.sum(yf, axis=0) / n
-        dev = tl.where(mask, yf - hi[None, :], 0.0)
-        row = (pid_b * tl.num_programs(0) + pid_p) * C
-        tl.store(phi_ptr + row + c, hi, mask=c_mask)
-        tl.store(psdev_ptr + row + c, tl.sum(dev, axis=0), mask=c_mask)
-        tl.store(pm2_ptr + row + c, tl.sum(dev * dev, axis=0), mask=c_mask)
+    if STATS:  # the next BatchNorm's partial statistics of the stored y, for dpe_bn's merge
+        store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_ptr, pm2_ptr, BLOCK_P)
 
 
 # --- launcher -------------------------------------------------------------------------------------
