@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from uniformer_fast import ops
+
 CL = torch.channels_last_3d
 LAYOUTS = ("contiguous", "channels_last", "sliced_channels_last", "sliced_contiguous")
 
@@ -21,3 +23,13 @@ def make_x(shape, dtype, layout, device) -> torch.Tensor:
         return x
     x = torch.randn(shape, device=device).to(dtype)
     return x.to(memory_format=CL) if layout == "channels_last" else x
+
+
+def run_dwconv3d(x, w, b, residual, backend, grad_y):
+    """``ops.dwconv3d`` forward and backward on fresh leaves: (y, dx, dweight, dbias or None)."""
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    y = ops.dwconv3d(x, w, b, residual=residual, backend=backend)
+    y.backward(grad_y.to(y.dtype))
+    return y, x.grad, w.grad, None if b is None else b.grad

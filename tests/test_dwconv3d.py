@@ -15,21 +15,12 @@ import torch
 from uniformer_fast import ops
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import LAYOUTS, make_x
+from helpers import LAYOUTS, make_x, run_dwconv3d
 
 pytest.importorskip("triton")
 
 CL = torch.channels_last_3d
 dwconv3d_module = importlib.import_module("uniformer_fast.ops.dwconv3d")
-
-
-def _run(x, w, b, residual, backend, grad_y):
-    x = x.detach().requires_grad_()
-    w = w.detach().requires_grad_()
-    b = None if b is None else b.detach().requires_grad_()
-    y = ops.dwconv3d(x, w, b, residual=residual, backend=backend)
-    y.backward(grad_y.to(y.dtype))
-    return y, x.grad, w.grad, None if b is None else b.grad
 
 
 def _check(shape, kernel, dtype, residual, with_bias, layout, device, assert_close):
@@ -39,9 +30,9 @@ def _check(shape, kernel, dtype, residual, with_bias, layout, device, assert_clo
     b = torch.randn(C, device=device).to(dtype) if with_bias else None
     gy = torch.randn(shape, device=device).to(dtype)
     x_before = x.clone()
-    out = _run(x, w, b, residual, "triton", gy)
+    out = run_dwconv3d(x, w, b, residual, "triton", gy)
     # The reference sees the very values the kernel saw, in float64.
-    ref = _run(x.double(), w.double(), None if b is None else b.double(), residual, "reference",
+    ref = run_dwconv3d(x.double(), w.double(), None if b is None else b.double(), residual, "reference",
                gy.double())
     assert torch.equal(x, x_before), "the input was modified"
     y = out[0]
@@ -116,8 +107,8 @@ def test_dwconv3d_triton_deterministic(dtype, device):
     w = torch.randn(20, 1, 3, 3, 3, device=device).to(dtype)
     b = torch.randn(20, device=device).to(dtype)
     gy = torch.randn(shape, device=device).to(dtype)
-    first = _run(x, w, b, True, "triton", gy)
-    second = _run(x, w, b, True, "triton", gy)
+    first = run_dwconv3d(x, w, b, True, "triton", gy)
+    second = run_dwconv3d(x, w, b, True, "triton", gy)
     for name, a, c in zip(("y", "dx", "dweight", "dbias"), first, second):
         assert torch.equal(a, c), f"{name} differs between two runs"
 

@@ -14,6 +14,8 @@ import torch
 from uniformer_fast import _C, ops
 from uniformer_fast.ops import BackendUnavailableError
 
+from helpers import run_dwconv3d
+
 
 CL = torch.channels_last_3d
 # The module (ops.dwconv3d is the function of the same name).
@@ -38,20 +40,11 @@ def _inputs(shape, kernel, with_bias, layout="channels_last"):
     return x64, w64, b64, x32, w64.float(), None if b64 is None else b64.float()
 
 
-def _run(x, w, b, residual, backend, grad_y):
-    x = x.detach().requires_grad_()
-    w = w.detach().requires_grad_()
-    b = None if b is None else b.detach().requires_grad_()
-    y = ops.dwconv3d(x, w, b, residual=residual, backend=backend)
-    y.backward(grad_y.to(y.dtype))
-    return y, x.grad, w.grad, None if b is None else b.grad
-
-
 def _check_parity(shape, kernel, residual, with_bias, layout, assert_close):
     x64, w64, b64, x32, w32, b32 = _inputs(shape, kernel, with_bias, layout)
     gy = torch.randn(shape, dtype=torch.float64)
-    ref = _run(x64, w64, b64, residual, "reference", gy)
-    out = _run(x32, w32, b32, residual, "cpp", gy)
+    ref = run_dwconv3d(x64, w64, b64, residual, "reference", gy)
+    out = run_dwconv3d(x32, w32, b32, residual, "cpp", gy)
     assert out[0].dtype == torch.float32
     assert out[0].is_contiguous(memory_format=CL)
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), out, ref):
@@ -109,7 +102,7 @@ def test_dwconv3d_cpp_same_result_for_1_and_2_threads():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append(_run(x, w, b, True, "cpp", gy))
+            results.append(run_dwconv3d(x, w, b, True, "cpp", gy))
     finally:
         torch.set_num_threads(before)
     for name, one, two in zip(("y", "dx", "dweight", "dbias"), *results):
