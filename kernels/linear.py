@@ -46,13 +46,17 @@ ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_bwd": 2}
 
 # Candidate tiles per matmul kind, tried by @triton.autotune on a GPU (keyed on M, N, K and the
 # epilogue). Every entry compiles without register spills for sm_80 and sm_90 in every direction
-# (tests/test_linear_triton.py::test_configs_compile_without_spills); no GPU timing yet.
-# Exact float32 runs tl.dot on CUDA cores with operands in registers: small tiles only.
+# under Triton 3.6 and 3.9 (tests/test_linear_triton.py::test_configs_compile_without_spills); no
+# GPU timing yet. Triton 3.6 takes far more registers for the GELU epilogue (a 64x128 tile at 4
+# warps: 255 and up to 464 B of stack, where 3.9 takes 168): 64-row tiles 128 wide use 8 warps.
+# Exact float32 runs tl.dot on CUDA cores with operands in registers: small tiles only (a 64x64
+# tile left a stack frame in the GELU forward under 3.6 at 8 warps, in the weight gradient under
+# 3.9 at 4).
 GPU_CONFIGS = {
     "16bit": [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     ],
     "tf32": [
@@ -61,7 +65,7 @@ GPU_CONFIGS = {
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
     ],
     "ieee": [
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2),
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2),
     ],
 }
@@ -215,13 +219,18 @@ def matmul_kernel(
             rowsum += tl.sum(a.to(tl.float32), 1)
         a_ptrs += a_step
         b_ptrs += b_step
+    # The tail's row sums go to a value of their own, added after the branch: the loop's rowsum
+    # then has a single use, which Triton 3.6's thread-locality pass asserts for a reduction
+    # carried through a loop (it aborted the tf32 weight-gradient compile otherwise).
+    tail_rowsum = tl.zeros([BLOCK_M], tl.float32)
     if k_full < k_end:  # the reduction's tail: mask k >= k_end
         k_in = tl.arange(0, BLOCK_K) < k_end - k_full
         a = _load_operand(a_ptrs, a_rows & k_in[None, :], UPCAST, True)
         b = _load_operand(b_ptrs, k_in[:, None] & b_cols, UPCAST, True)
         acc = _mma(acc, a, b, PRECISION, UPCAST)
         if ROWSUM:
-            rowsum += tl.sum(a.to(tl.float32), 1)
+            tail_rowsum = tl.sum(a.to(tl.float32), 1)
+    rowsum += tail_rowsum
 
     out_mask = m_in[:, None] & n_in[None, :]
     if HAS_BIAS:
