@@ -53,6 +53,11 @@ NUM_WARPS = 8
 # As in kernels/dwconv3d.py, where a row of 7 unrolled taps (KW = 7) spilled at 8 warps on sm_80:
 # 4 warps for KW = 7.
 NUM_WARPS_KW7 = 4
+# float32 at the widest channel blocks (512, 1024) holds half the tile at 8 warps: Triton 3.6
+# spilled the full one (3x3x3 at C = 512 on sm_80; 7x7x7 at C = 1024: 7 KB of stack), and the
+# 16-bit tiles, whose loads take half the registers, do not.
+WIDE_FP32_FROM = 512
+WIDE_FP32_TILE_ELEMENTS = 2048
 # Under the interpreter every op costs ~0.1 ms per program whatever the block size: few programs,
 # but small enough that test shapes still have several position tiles, the last one partial.
 INTERPRET_BLOCK_P = 16
@@ -72,11 +77,13 @@ def block_c(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
 
-def fwd_config(C: int, kernel_size: tuple) -> dict:
-    """BLOCK_P, BLOCK_C and num_warps of :func:`dpe_layernorm_fwd_kernel` for C channels."""
+def fwd_config(C: int, kernel_size: tuple, dtype: torch.dtype) -> dict:
+    """BLOCK_P, BLOCK_C and num_warps of :func:`dpe_layernorm_fwd_kernel` for C channels of dtype."""
     bc = block_c(C)
     if INTERPRET:
         return dict(BLOCK_P=INTERPRET_BLOCK_P, BLOCK_C=bc, num_warps=1)
+    if dtype == torch.float32 and bc >= WIDE_FP32_FROM:
+        return dict(BLOCK_P=WIDE_FP32_TILE_ELEMENTS // bc, BLOCK_C=bc, num_warps=NUM_WARPS)
     warps = NUM_WARPS_KW7 if kernel_size[2] == 7 else NUM_WARPS
     return dict(BLOCK_P=min(MAX_BLOCK_P, TILE_ELEMENTS // bc), BLOCK_C=bc, num_warps=warps)
 
@@ -237,7 +244,7 @@ def dpe_layernorm_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, ln_weigh
     z = torch.empty_like(y)
     mean = torch.empty(B * T * H * W, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    cfg = fwd_config(C, kernel_size)
+    cfg = fwd_config(C, kernel_size, x.dtype)
     sb, _, st, sh, sw = x.stride()
     grid = (triton.cdiv(T * H * W, cfg["BLOCK_P"]), B)
     dpe_layernorm_fwd_kernel[grid](

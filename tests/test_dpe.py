@@ -321,7 +321,7 @@ def test_forward_compiles_without_spills(dtype, kernel, arch, compile_for_gpu, g
     aligned = [k for k, v in sig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
     seen = set()
     for C in COMPILE_CHANNELS if kernel == (3, 3, 3) else (64, 512, 1024):
-        cfg = dict(K.fwd_config(C, kernel))
+        cfg = dict(K.fwd_config(C, kernel, dtype))
         warps = cfg.pop("num_warps")
         key = (cfg["BLOCK_P"], cfg["BLOCK_C"], warps)
         if key in seen:
