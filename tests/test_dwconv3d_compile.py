@@ -70,7 +70,7 @@ def test_weight_grad_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_confi
                T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
                stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
                stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
-    blocks, warps = _split(K.dw_config(C))
+    blocks, warps = _split(K.dw_config(C, dtype))
     constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=True, **blocks)
     r = compile_for_gpu(K.dwconv3d_bwd_dw_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
     _check(r, f"dw {kernel} {dtype} {blocks} warps {warps} sm_{arch}")
@@ -95,7 +95,7 @@ def test_other_variants_compile(kernel, arch, compile_for_gpu, gpu_configs):
                T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
                stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
                stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
-    blocks, warps = _split(K.dw_config(64))
+    blocks, warps = _split(K.dw_config(64, torch.bfloat16))
     constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=False, **blocks)
     r = compile_for_gpu(K.dwconv3d_bwd_dw_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
     _check(r, f"dw no bias {kernel} sm_{arch}")
