@@ -303,7 +303,7 @@ def _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch, flags=(True, T
                phi_ptr="*fp32", psdev_ptr="*fp32", pm2_ptr="*fp32", C="i32", T="i32",
                H="i32", W="i32", stride_ub="i32", stride_ut="i32", stride_uh="i32", stride_uw="i32",
                stride_rb="i32", stride_rt="i32", stride_rh="i32", stride_rw="i32")
-    cfg = K.gpu_config(block_c, kind)
+    cfg = K.gpu_config(block_c, kind, stats)
     constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_ATTN_BIAS=flags[0],
                       HAS_CONV2_BIAS=flags[1], HAS_RESIDUAL=flags[2], STATS=stats,
                       PRECISION="tf32" if kind == "tf32" else "ieee", UPCAST=False,
