@@ -6,6 +6,8 @@ version). Metadata lives in pyproject.toml.
 Compiler flags: -O3 and OpenMP. The kernels carry their own AVX2 and AVX-512 variants, chosen at
 run time, so the default build runs on any x86-64 CPU; ``UNIFORMER_FAST_NATIVE=1`` adds
 ``-march=native`` for a build that only has to run on the machine building it (never for a wheel).
+``UNIFORMER_FAST_CPP=0`` builds no extension at all (a GPU machine that never runs the CPU kernels
+installs in seconds; the "cpp" backend is then unavailable and says so).
 """
 import os
 import sys
@@ -21,7 +23,7 @@ if sys.platform != "win32":
 if os.environ.get("UNIFORMER_FAST_NATIVE", "0") not in ("", "0"):
     compile_args.append("-march=native")
 
-ext_modules = [
+ext_modules = [] if os.environ.get("UNIFORMER_FAST_CPP", "1") == "0" else [
     Pybind11Extension(
         "uniformer_fast._C",
         ["csrc/dwconv3d.cpp"],
