@@ -157,8 +157,8 @@ def command(part: Part, paths: "Paths", k: Optional[str], with_compile: bool) ->
         return [py, "-m", "benchmarks.ceilings", "--out", paths.ceilings]
     if part.kind == "tests":
         argv = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--durations=5"]
-        if _has_module("xdist"):
-            argv += ["-p", "xdist", "-n", str(PARITY_WORKERS)]
+        if _has_module("xdist"):  # pytest-xdist: the cold Triton compiles in parallel
+            argv += ["-n", str(PARITY_WORKERS)]
         return argv + list(part.args)
     if part.kind == "bench":
         expr = bench_filter(k, with_compile)
