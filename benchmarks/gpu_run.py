@@ -184,7 +184,6 @@ def _has_module(name: str) -> bool:
 
 @dataclasses.dataclass
 class Paths:
-    results: str
     base: str  # results/<gpu>-<stamp>, without suffix
     logs: str  # folder of every log, archived into base.logs.tar.gz
 
@@ -206,9 +205,8 @@ class Paths:
 
 
 def make_paths(results_dir: str, gpu: str, stamp: str) -> Paths:
-    results = os.path.abspath(results_dir)
-    base = os.path.join(results, f"{gpu}-{stamp}")
-    return Paths(results, base, base + ".logs")
+    base = os.path.join(os.path.abspath(results_dir), f"{gpu}-{stamp}")
+    return Paths(base, base + ".logs")
 
 
 def run_boxed(argv, box: float, log_path: str, env: dict, cwd: str = ROOT) -> "tuple[int, float]":

@@ -3,6 +3,7 @@ one that ignores SIGINT), at most 8 files go to $OUT with every log archived, th
 the plan, and the test and benchmark selections it names exist."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -141,7 +142,8 @@ def test_dry_run_shows_the_plan_and_the_files():
     text = proc.stdout
     for name in gpu_run.PART_NAMES:
         assert f"| {name} |" in text and f"\n{name}: " in text
-    assert f"ends by {gpu_run.DEFAULT_BUDGET_S} s" in text or "ends by" in text
+    ends, budget = map(int, re.search(r"ends by (\d+) s of (\d+)", text).groups())
+    assert budget == gpu_run.DEFAULT_BUDGET_S and ends <= budget
     files = text.split("files to $OUT (")[1]
     n = int(files.split()[0])
     assert n <= gpu_run.MAX_OUT_FILES
