@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, dense, unit_stride
 
 SUPPORTED_HEAD_DIMS = (28, 32, 64)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -406,11 +406,6 @@ def attention_bwd_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-def _unit_feature_stride(t: torch.Tensor) -> torch.Tensor:
-    # The kernels index features with stride 1 (16-byte vector loads); other layouts are copied.
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, out=None, lse=None,
                   config=None):
     """Forward. qkv: (B, N, 3 * C), feature stride 1 (else copied). Returns (out, lse):
@@ -419,7 +414,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, out=None, 
     ``out``/``lse`` may be given (preallocated, out with feature stride 1); ``config`` overrides
     the block sizes (keys of :data:`FWD_CONFIGS` values).
     """
-    qkv = _unit_feature_stride(qkv)
+    qkv = unit_stride(qkv)
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
@@ -447,8 +442,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     dout: (B, N, C), any strides (copied when its feature stride is not 1, e.g. an expanded
     gradient); qkv, out, lse as given to / returned by :func:`attention_fwd`.
     """
-    qkv = _unit_feature_stride(qkv)
-    dout = _unit_feature_stride(dout)
+    qkv, dout, out, lse = unit_stride(qkv), unit_stride(dout), unit_stride(out), dense(lse)
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads

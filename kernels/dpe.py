@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, check_channel_stride, dense
 from .dwconv3d import conv_tile
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -224,9 +224,9 @@ def dpe_layernorm_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, ln_weigh
     Args:
         x: (B, C, T, H, W) with unit channel stride (``channels_last_3d`` or a B/T/H/W slice of
             it); other strides are read as they are. C <= :data:`MAX_CHANNELS`.
-        weight_taps: (KT * KH * KW, C) contiguous, tap-major.
-        bias: (C,) contiguous or None.
-        ln_weight, ln_bias: (C,) contiguous.
+        weight_taps: (KT * KH * KW, C), tap-major.
+        bias: (C,) or None.
+        ln_weight, ln_bias: (C,).
         eps: the LayerNorm's epsilon.
         kernel_size: (KT, KH, KW), odd, each <= 7.
 
@@ -234,12 +234,11 @@ def dpe_layernorm_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, ln_weigh
         ``(y, z, mean, rstd)``: y and z (B, C, T, H, W) in dense ``channels_last_3d`` memory, x's
         dtype; mean and rstd (B * T * H * W,) float32, token order (b, t, h, w).
     """
-    if x.shape[1] != 1 and x.stride(1) != 1:
-        raise ValueError(f"x must have unit channel stride (channels_last_3d); got strides {x.stride()}")
+    check_channel_stride("x", x)
     B, C, T, H, W = x.shape
     KT, KH, KW = kernel_size
-    assert weight_taps.shape == (KT * KH * KW, C) and weight_taps.is_contiguous()
-    assert ln_weight.is_contiguous() and ln_bias.is_contiguous()
+    assert weight_taps.shape == (KT * KH * KW, C)
+    weight_taps, bias, ln_weight, ln_bias = map(dense, (weight_taps, bias, ln_weight, ln_bias))
     y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
     z = torch.empty_like(y)
     mean = torch.empty(B * T * H * W, dtype=torch.float32, device=x.device)
@@ -265,7 +264,7 @@ def dpe_layernorm_bwd_ln(y: torch.Tensor, grad_z: torch.Tensor, grad_y, ln_weigh
         y: (B, C, T, H, W), the forward's y, dense ``channels_last_3d``.
         grad_z: (B, C, T, H, W) with unit channel stride; other strides are read as they are.
         grad_y: like grad_z, or None.
-        ln_weight: (C,) contiguous. mean, rstd: (B * T * H * W,) float32 from the forward.
+        ln_weight: (C,). mean, rstd: (B * T * H * W,) float32 from the forward.
 
     Returns:
         ``(dy_total, dln_weight, dln_bias)``: dy_total (B, C, T, H, W) dense channels_last_3d in
@@ -273,10 +272,11 @@ def dpe_layernorm_bwd_ln(y: torch.Tensor, grad_z: torch.Tensor, grad_y, ln_weigh
         deterministic (per-program float32 partials summed in a fixed order).
     """
     B, C, T, H, W = y.shape
-    assert y.permute(0, 2, 3, 4, 1).is_contiguous() and ln_weight.is_contiguous()
-    for name, g in (("grad_z", grad_z), ("grad_y", grad_y)):
-        if g is not None and C != 1 and g.stride(1) != 1:
-            raise ValueError(f"{name} must have unit channel stride (channels_last_3d); got strides {g.stride()}")
+    assert y.permute(0, 2, 3, 4, 1).is_contiguous()
+    check_channel_stride("grad_z", grad_z)
+    if grad_y is not None:
+        check_channel_stride("grad_y", grad_y)
+    ln_weight, mean, rstd = dense(ln_weight), dense(mean), dense(rstd)
     sdz = [s for i, s in enumerate(grad_z.stride()) if i != 1]
     sdy = [s for i, s in enumerate(grad_y.stride()) if i != 1] if grad_y is not None else [0] * 4
     num_tokens = B * T * H * W

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, check_channel_stride, dense
 # SUPPORTED_DTYPES and why_not_shape are the forward's (its grid and blocks are dwconv3d's):
 # re-exported for ops/dpe_bn.py.
 from .dwconv3d import SUPPORTED_DTYPES, conv_tile, fwd_config, why_not_shape  # noqa: F401
@@ -277,8 +277,8 @@ def dpe_bn_stats_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, kernel_si
     Args:
         x: (B, C, T, H, W) with unit channel stride (``channels_last_3d`` or a B/T/H/W slice of
             it); other strides are read as they are.
-        weight_taps: (KT * KH * KW, C) contiguous, tap-major.
-        bias: (C,) contiguous or None.
+        weight_taps: (KT * KH * KW, C), tap-major.
+        bias: (C,) or None.
         kernel_size: (KT, KH, KW), odd, each <= 7.
 
     Returns:
@@ -286,11 +286,11 @@ def dpe_bn_stats_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, kernel_si
         mean and var (C,) float32 over (B, T, H, W), var biased (divided by N = B*T*H*W).
         Deterministic: fixed-order merges, no atomics.
     """
-    if x.shape[1] != 1 and x.stride(1) != 1:
-        raise ValueError(f"x must have unit channel stride (channels_last_3d); got strides {x.stride()}")
+    check_channel_stride("x", x)
     B, C, T, H, W = x.shape
     KT, KH, KW = kernel_size
-    assert weight_taps.shape == (KT * KH * KW, C) and weight_taps.is_contiguous()
+    assert weight_taps.shape == (KT * KH * KW, C)
+    weight_taps, bias = dense(weight_taps), dense(bias)
     THW = T * H * W
     y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
     cfg = fwd_config(C, kernel_size)
@@ -343,15 +343,16 @@ def bn_stats_bwd(y: torch.Tensor, grad_y, mean: torch.Tensor, k_mean: torch.Tens
     Args:
         y: (B, C, T, H, W), the forward's y, dense ``channels_last_3d``.
         grad_y: like y with unit channel stride (other strides read as they are), or None.
-        mean, k_mean, k_var: (C,) float32 contiguous.
+        mean, k_mean, k_var: (C,) float32.
 
     Returns:
         dy_total (B, C, T, H, W) dense ``channels_last_3d`` in y's dtype.
     """
     B, C, T, H, W = y.shape
     assert y.permute(0, 2, 3, 4, 1).is_contiguous()
-    if grad_y is not None and C != 1 and grad_y.stride(1) != 1:
-        raise ValueError(f"grad_y must have unit channel stride (channels_last_3d); got strides {grad_y.stride()}")
+    if grad_y is not None:
+        check_channel_stride("grad_y", grad_y)
+    mean, k_mean, k_var = dense(mean), dense(k_mean), dense(k_var)
     sdy = [s for i, s in enumerate(grad_y.stride()) if i != 1] if grad_y is not None else [0] * 4
     num_tokens = B * T * H * W
     cfg = bwd_config()

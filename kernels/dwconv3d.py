@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, check_channel_stride, dense
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KERNEL = 7
@@ -254,11 +254,6 @@ def dwconv3d_bwd_dw_kernel(
 
 # --- launchers ------------------------------------------------------------------------------------
 
-def _check_channel_stride(name: str, t: torch.Tensor) -> None:
-    if t.shape[1] != 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have unit channel stride (channels_last_3d); got strides {t.stride()}")
-
-
 def dwconv3d_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, residual: bool,
                  kernel_size: tuple) -> torch.Tensor:
     """``conv(x) (+ bias) (+ x)``.
@@ -266,18 +261,19 @@ def dwconv3d_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, residual: boo
     Args:
         x: (B, C, T, H, W) with unit channel stride (a ``channels_last_3d`` tensor or a B/T/H/W
             slice of one); other strides are read as they are.
-        weight_taps: (KT * KH * KW, C) contiguous, tap-major (see the module docstring).
-        bias: (C,) contiguous or None.
+        weight_taps: (KT * KH * KW, C), tap-major (see the module docstring).
+        bias: (C,) or None.
         residual: add ``x`` to the result.
         kernel_size: (KT, KH, KW), odd, each <= 7.
 
     Returns:
         (B, C, T, H, W) in dense ``channels_last_3d`` memory, x's dtype.
     """
-    _check_channel_stride("x", x)
+    check_channel_stride("x", x)
     B, C, T, H, W = x.shape
     KT, KH, KW = kernel_size
-    assert weight_taps.shape == (KT * KH * KW, C) and weight_taps.is_contiguous()
+    assert weight_taps.shape == (KT * KH * KW, C)
+    weight_taps, bias = dense(weight_taps), dense(bias)
     y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
     cfg = fwd_config(C, kernel_size)
     BLOCK_P, BLOCK_C, num_warps = cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["num_warps"]
@@ -308,8 +304,8 @@ def dwconv3d_bwd_dw(x: torch.Tensor, dy: torch.Tensor, kernel_size: tuple, with_
     Returns:
         ``(dw_taps, db)``: (KT * KH * KW, C) float32 and (C,) float32 or None.
     """
-    _check_channel_stride("x", x)
-    _check_channel_stride("dy", dy)
+    check_channel_stride("x", x)
+    check_channel_stride("dy", dy)
     B, C, T, H, W = x.shape
     KT, KH, KW = kernel_size
     taps = KT * KH * KW

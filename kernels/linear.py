@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, dense, unit_stride
 from .attention import dot_precision, matmul_kind
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -288,11 +288,6 @@ def _needs_int64(*tensors) -> bool:
     return any(t is not None and _span(t) >= INT32_LIMIT for t in tensors)
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    # The kernels read the last dimension with stride 1 (16-byte vector loads); else copy once.
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _row_stride(t: torch.Tensor) -> int:
     # A size-1 dimension's stride is arbitrary: any value addresses its single row.
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
@@ -325,9 +320,10 @@ def _launch(a, b, c, M, N, K, stride_a, stride_b, *, a_k_contig, b_k_contig, bia
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, *, config=None) -> torch.Tensor:
     """y = act(x @ weight^T + bias). x: (M, K), unit last stride (else copied), any row stride;
-    weight: (N, K), unit last stride (else copied); bias: (N,) or None; activation "none" or
+    weight: (N, K), unit last stride (else copied); bias: (N,) or None, any stride (copied unless
+    dense); activation "none" or
     "gelu"; M >= 0, N, K >= 1. Returns y (M, N) contiguous, in x's dtype."""
-    x, weight = _unit_last_stride(x), _unit_last_stride(weight)
+    x, weight, bias = unit_stride(x), unit_stride(weight), dense(bias)
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -357,8 +353,8 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias, ac
     when not needed). ``split`` forces the number of reduction splits of dW/db (default: enough
     to fill the GPU).
     """
-    x, weight = _unit_last_stride(x), _unit_last_stride(weight)
-    dy = _unit_last_stride(dy)
+    x, weight, bias = unit_stride(x), unit_stride(weight), dense(bias)
+    dy = unit_stride(dy)
     M, K = x.shape
     N = weight.shape[0]
     int64 = _needs_int64(x, weight, dy)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, check_channel_stride, dense
 from .dpe_bn import merge_tile_partials, store_bn_partials
 from .dwconv3d import conv_tile
 from .attention import dot_precision, matmul_kind
@@ -171,21 +171,16 @@ def local_mhra_tail_fwd_kernel(
 
 # --- launcher -------------------------------------------------------------------------------------
 
-def _check_channel_stride(name: str, t: torch.Tensor) -> None:
-    if t.shape[1] != 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have unit channel stride (channels_last_3d); got strides {t.stride()}")
-
-
 def _launch(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size, stats):
     """Checks, launches the forward kernel; returns y (B, T, H, W, C) contiguous and, when
     ``stats``, the tile partials ``(phi, psdev, pm2)`` and the tile geometry, else None."""
-    _check_channel_stride("u", u)
+    check_channel_stride("u", u)
     if residual is not None:
-        _check_channel_stride("residual", residual)
+        check_channel_stride("residual", residual)
     B, C, T, H, W = u.shape
     KT, KH, KW = kernel_size
-    assert attn_taps.shape == (KT * KH * KW, C) and attn_taps.is_contiguous()
-    assert conv2_wt.shape == (C, C) and conv2_wt.is_contiguous()
+    assert attn_taps.shape == (KT * KH * KW, C) and conv2_wt.shape == (C, C)
+    attn_taps, attn_bias, conv2_wt, conv2_bias = map(dense, (attn_taps, attn_bias, conv2_wt, conv2_bias))
     y = torch.empty((B, T, H, W, C), dtype=u.dtype, device=u.device)
     cfg = fwd_config(C, u.dtype, stats)
     BLOCK_P = cfg["BLOCK_P"]
@@ -217,10 +212,10 @@ def local_mhra_tail_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, con
 
     Args:
         u: (B, C, T, H, W) with unit channel stride (``channels_last_3d`` or a B/T/H/W slice).
-        attn_taps: (KT * KH * KW, C) contiguous, tap-major.
-        attn_bias: (C,) contiguous or None.
-        conv2_wt: (C, C) contiguous, conv2's weight transposed (C_in, C_out).
-        conv2_bias: (C,) contiguous or None.
+        attn_taps: (KT * KH * KW, C), tap-major.
+        attn_bias: (C,) or None.
+        conv2_wt: (C, C), conv2's weight transposed (C_in, C_out).
+        conv2_bias: (C,) or None.
         residual: (B, C, T, H, W) with unit channel stride, or None.
         kernel_size: (KT, KH, KW), odd, each <= 7.
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from ._validate import check_like, check_tensor
+from ..kernels import dense
 from .reference import linear_reference
 
 ACTIVATIONS = (None, "gelu")
@@ -31,8 +32,10 @@ _backend.register("linear", "reference")(linear_reference)
 
 
 def _validate(x, weight, bias, activation):
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+    if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (..., in_features); got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension, shape (..., in_features); got a 0-D tensor")
     check_tensor("weight", weight, ndim=2, form="(out_features, in_features)")
     check_tensor("x", x, ndim=x.dim(), form="(..., in_features)")
     if x.shape[-1] != weight.shape[1]:
@@ -93,18 +96,43 @@ def _cpp_why_not(x, weight, bias, activation):
         return f"needs CPU tensors; got {x.device.type}"
     if x.dtype != torch.float32:
         return f"supports float32 only; got {x.dtype}"
+    if weight.shape[1] == 0:
+        return "in_features must be >= 1 (oneDNN has no empty reduction)"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return "inference only (oneDNN's fused linear has no backward); run under torch.no_grad()"
     return None
 
 
+def _onednn_rows(rows, weight, bias, activation):
+    if activation == "gelu":
+        return _ONEDNN_LINEAR(rows, weight, bias, "gelu", [], "none")
+    return _ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
+
+
+# Opaque to torch.compile: inductor has a lowering of mkldnn._linear_pointwise of its own, which
+# expects the weight packed by its freezing pass and rejects a plain one (LoweringException).
+@torch.library.custom_op("uniformer_fast::linear_onednn", mutates_args=())
+def linear_onednn_rows(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       activation: str) -> torch.Tensor:
+    """rows (M, K), weight (N, K), bias (N,) dense or None, float32 on the CPU -> (M, N)."""
+    return _onednn_rows(rows, weight, bias, activation)
+
+
+@linear_onednn_rows.register_fake
+def _(rows, weight, bias, activation):
+    return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
 @_backend.register("linear", "cpp", why_not=_cpp_why_not)
 def linear_onednn(x, weight, bias=None, activation=None):
+    """The "cpp" backend: x (..., K), weight (N, K) and bias (N,) or None, float32, any strides.
+    Returns (..., N) contiguous."""
+    # oneDNN reads the bias as a dense vector whatever its strides (uniformer_fast.kernels.dense).
+    bias = dense(bias)
     rows = x.reshape(-1, x.shape[-1])
-    if activation == "gelu":
-        y = _ONEDNN_LINEAR(rows, weight, bias, "gelu", [], "none")
-    else:
-        y = _ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
+    # Eager calls skip the custom op's dispatch (tens of microseconds per call).
+    run = linear_onednn_rows if torch.compiler.is_compiling() else _onednn_rows
+    y = run(rows, weight, bias, activation or "none")
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
