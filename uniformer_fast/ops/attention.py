@@ -1,6 +1,7 @@
 """Joint multi-head self-attention over packed qkv (the Global MHRA): validation and dispatch."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -19,8 +20,8 @@ def _validate(qkv, num_heads, scale, dropout_p):
     check_tensor("qkv", qkv, ndim=3, form="(B, N, 3 * num_heads * head_dim)")
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
-    if qkv.shape[-1] % (3 * num_heads) != 0:
-        raise ValueError(f"qkv's last dimension must be divisible by 3 * num_heads = {3 * num_heads} "
+    if qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(f"qkv's last dimension must be a positive multiple of 3 * num_heads = {3 * num_heads} "
                          f"(shape (B, N, 3 * num_heads * head_dim)); got {tuple(qkv.shape)}")
     if qkv.shape[0] == 0 or qkv.shape[1] == 0:
         raise ValueError(f"qkv must have B >= 1 and N >= 1; got shape {tuple(qkv.shape)}")
@@ -57,15 +58,46 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = Non
 
 # --- "sdpa": torch.nn.functional.scaled_dot_product_attention (CPU and CUDA) -------------------
 
+def _nonfinite_marks(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, heads, head_dim): NaN at every output element that reads a non-finite input, else 0.
+
+    With NaN inputs, the explicit softmax's output is NaN exactly there: query i's row for a
+    non-finite element of q_i, the whole head for one of any key, column d of the head for one of
+    v's column d. With +-inf inputs it may be NaN, +-inf or (a key scored -inf) finite there; the
+    marks make it NaN, never hiding it. ``x * 0`` is 0 for finite x, NaN otherwise, and sums of it
+    cannot overflow."""
+    B, N, C3 = qkv.shape
+    z = (qkv.detach() * 0).view(B, N, 3, num_heads, C3 // (3 * num_heads))
+    q_rows = z[:, :, 0].sum(-1, keepdim=True)
+    k_heads = z[:, :, 1].sum((1, 3), keepdim=True)
+    v_columns = z[:, :, 2].sum(1, keepdim=True)
+    return q_rows + k_heads + v_columns
+
+
 @_backend.register("attention", "sdpa")
 def attention_sdpa(qkv: torch.Tensor, num_heads: int, scale: float,
                    dropout_p: float = 0.0) -> torch.Tensor:
     """The "sdpa" backend: PyTorch's fused attention (flash / memory-efficient / math, PyTorch's
-    choice) on (B, heads, N, head_dim) views of qkv; supports dropout. Returns (B, N, C)."""
+    choice) on (B, heads, N, head_dim) views of qkv; supports dropout. Returns (B, N, C).
+
+    Non-finite values propagate as on the other backends: PyTorch's CPU flash kernel turns a NaN
+    query row, and a row whose scores are all -inf, into zeros, so NaN is put back (see
+    :func:`_nonfinite_marks`). Eager CPU calls check first with one sum of qkv (~0.1 ms at
+    stage-3 sizes, against 65 ms of attention), compiled graphs and CUDA (where the check would
+    synchronise) always add the marks.
+    """
+    if not math.isfinite(scale):
+        return attention_reference(qkv, num_heads, scale, dropout_p)
     B, N, C3 = qkv.shape
-    q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    head_dim = C3 // (3 * num_heads)
+    q, k, v = qkv.view(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, C3 // 3)
+    out = out.transpose(1, 2)  # (B, N, heads, head_dim)
+    # A finite sum proves every element finite; an overflowing one only costs the marks.
+    if (torch.compiler.is_compiling() or qkv.device.type != "cpu"
+            or not math.isfinite(qkv.detach().sum().item())):
+        out = out + _nonfinite_marks(qkv, num_heads)
+    return out.reshape(B, N, C3 // 3)
 
 
 # --- "triton": the fused kernels in kernels/attention.py ----------------------------------------
