@@ -15,6 +15,7 @@ Stage layout (UniFormer-S, 16x224x224 input)::
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence
 
@@ -295,6 +296,10 @@ def _fold_bn_into_pointwise(bn: nn.BatchNorm3d, conv: nn.Conv3d) -> None:
     conv.weight.copy_((w * scale).view_as(conv.weight))
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _is_int_seq(v, n):
     return (isinstance(v, Sequence) and len(v) == n
             and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v))
@@ -320,14 +325,24 @@ class UniFormer(nn.Module):
             raise ValueError(f"depth must be 4 positive ints (blocks per stage); got {depth!r}")
         if not _is_int_seq(embed_dim, 4) or min(embed_dim) < 1:
             raise ValueError(f"embed_dim must be 4 positive ints (channels per stage); got {embed_dim!r}")
-        if not isinstance(head_dim, numbers.Integral) or head_dim < 1 or any(d % head_dim for d in embed_dim):
+        if not _is_int(head_dim) or head_dim < 1 or any(d % head_dim for d in embed_dim):
             raise ValueError(f"head_dim must be a positive int dividing every embed_dim {tuple(embed_dim)}; "
                              f"got {head_dim!r}")
         if not _is_int_seq(checkpoint_num, 4) or any(not 0 <= n <= d for n, d in zip(checkpoint_num, depth)):
             raise ValueError(f"checkpoint_num must be 4 ints with 0 <= checkpoint_num[i] <= depth[i] = "
                              f"{tuple(depth)}; got {checkpoint_num!r}")
-        if not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+        if not _is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: no head); got {num_classes!r}")
+        if not _is_int(in_chans) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int (input channels); got {in_chans!r}")
+        if (isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real)
+                or not math.isfinite(mlp_ratio) or int(min(embed_dim) * mlp_ratio) < 1):
+            raise ValueError(f"mlp_ratio must be a positive float with int(embed_dim * mlp_ratio) >= 1 "
+                             f"(the MLP's hidden width); got {mlp_ratio!r}")
+        # The official model computes ``qk_scale or head_dim ** -0.5``, silently ignoring 0.
+        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real)
+                                     or not math.isfinite(qk_scale) or qk_scale <= 0):
+            raise ValueError(f"qk_scale must be None (head_dim ** -0.5) or a positive float; got {qk_scale!r}")
         for name, p in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
                         ("drop_path_rate", drop_path_rate)):
             if not (isinstance(p, numbers.Real) and 0.0 <= p < 1.0):
@@ -449,7 +464,7 @@ class UniFormer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one for ``num_classes`` (0: no head)."""
-        if not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+        if not _is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0; got {num_classes!r}")
         ref = self.norm.weight
         self.num_classes = num_classes
