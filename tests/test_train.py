@@ -83,8 +83,13 @@ TRAIN_ARGS = ["--frames", "2", "--size", "32", "--synthetic-size", "4", "--batch
               "--num-classes", "3", "--workers", "0", "--no-progress", "--device", "cpu"]
 
 
-def test_train_save_and_resume(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_small(monkeypatch):
+    """--model uniformer_small builds the TINY configuration, so a training run takes a second."""
     monkeypatch.setattr(uf.model, "_CONFIGS", {**uf.model._CONFIGS, "uniformer_small": TINY | {"num_classes": 3}})
+
+
+def test_train_save_and_resume(tmp_path, tiny_small):
     out = tmp_path / "run"
     train_main(TRAIN_ARGS + ["--epochs", "1", "--output", str(out)])
     first = torch.load(out / "last.pth", weights_only=True)
@@ -97,6 +102,38 @@ def test_train_save_and_resume(tmp_path, monkeypatch):
     assert not torch.equal(first["model"]["head.weight"], second["model"]["head.weight"])
     model = uf.UniFormer(**TINY)
     uf.load_checkpoint(model, out / "last.pth")  # the training checkpoint loads as a model checkpoint
+
+
+def interrupted_save(obj, f, *args, **kwargs):
+    """torch.save cut short by Ctrl-C: half of the bytes reach ``f`` (a path or a file object)."""
+    import io
+    buf = io.BytesIO()
+    REAL_SAVE(obj, buf)
+    data = buf.getvalue()[: len(buf.getvalue()) // 2]
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as out:
+            out.write(data)
+    else:
+        f.write(data)
+    raise KeyboardInterrupt
+
+
+REAL_SAVE = torch.save
+
+
+def test_interrupted_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_small, monkeypatch):
+    out = tmp_path / "run"
+    train_main(TRAIN_ARGS + ["--epochs", "1", "--output", str(out)])
+    before = torch.load(out / "last.pth", weights_only=True)
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    try:
+        code = train_main(TRAIN_ARGS + ["--epochs", "1", "--output", str(out), "--seed", "1"])
+    except KeyboardInterrupt:
+        code = 130
+    assert code == 130  # Ctrl-C's exit status, as the CLI
+    after = torch.load(out / "last.pth", weights_only=True)  # still whole
+    assert torch.equal(after["model"]["head.weight"], before["model"]["head.weight"])
+    assert os.listdir(out) == ["last.pth"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -8,7 +8,8 @@ clips with random labels exercise the whole loop. AdamW with a linear warm-up an
 decay per step; ``--amp bf16|fp16`` (fp16 with a gradient scaler); DDP by default, ``--fsdp`` to
 shard parameters (FSDP2 ``fully_shard`` per block); ``--sync-bn`` for cross-GPU BatchNorm
 statistics. A checkpoint (model, optimizer, schedule, scaler, epoch) is written to
-``--output/last.pth`` after every epoch; ``--resume`` continues from one.
+``--output/last.pth`` after every epoch, atomically (an interrupted save keeps the previous one);
+``--resume`` continues from one.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoint import load_checkpoint
+from .files import atomic_save
 from .model import create_model, list_models
 
 
@@ -219,9 +221,10 @@ def main(argv=None):
             model_sd, optim_sd = _state_dicts(model, optimizer)
             if rank == 0:
                 os.makedirs(args.output, exist_ok=True)
-                torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)},
-                           os.path.join(args.output, "last.pth"))
+                # Atomically: a save cut short (Ctrl-C, a full disk) keeps the previous epoch's file.
+                atomic_save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args)},
+                            os.path.join(args.output, "last.pth"))
     if rank == 0:
         print(f"done: {args.epochs - start_epoch} epoch(s), last loss {last_loss:.4f}", file=sys.stderr)
     if world > 1:
