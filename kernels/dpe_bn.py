@@ -200,7 +200,9 @@ def bn_partials_merge_kernel(
     out = pid_s.to(tl.int64) * C + c
     if FINAL:
         tl.store(out_mean_ptr + out, K + run_mean, mask=c_mask)
-        tl.store(out_m2_ptr + out, tl.maximum(run_m2, 0.0) / run_n, mask=c_mask)
+        # Clamp rounding's tiny negatives; fmax (the default) would also turn NaN into 0.
+        m2 = tl.maximum(run_m2, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(out_m2_ptr + out, m2 / run_n, mask=c_mask)
     else:
         tl.store(out_mean_ptr + out, run_mean, mask=c_mask)
         tl.store(out_m2_ptr + out, run_m2, mask=c_mask)
