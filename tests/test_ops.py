@@ -183,7 +183,7 @@ def test_dwconv3d_bad_residual_and_device():
 
 @pytest.mark.parametrize("qkv,heads,kw,err,match", [
     (torch.randn(2, 12), 1, {}, ValueError, r"qkv must be 3-D of shape \(B, N, 3 \* num_heads \* head_dim\)"),
-    (torch.randn(1, 4, 12), 5, {}, ValueError, "divisible by 3 \\* num_heads = 15"),
+    (torch.randn(1, 4, 12), 5, {}, ValueError, "a positive multiple of 3 \\* num_heads = 15"),
     (torch.randn(1, 4, 12), 0, {}, ValueError, "num_heads must be a positive int"),
     (torch.randn(1, 4, 12), 2.0, {}, ValueError, "num_heads must be a positive int"),
     (torch.ones(1, 4, 12, dtype=torch.int32), 1, {}, TypeError, "qkv must be float"),
