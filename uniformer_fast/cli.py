@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import statistics
 import sys
@@ -38,9 +39,61 @@ class UsageError(CLIError):
     exit_code = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise :class:`UsageError` (one line) instead of exiting."""
+
     def error(self, message):  # one line instead of usage + message
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# argparse ``type``s that check the range while parsing, so a bad value is a one-line usage error
+# naming the option ("argument --iters: expected an integer >= 1; got 0") before any work starts.
+def int_at_least(low: int):
+    """An integer >= ``low``."""
+    def parse(text):
+        value = int(text)  # a ValueError here reads "invalid int value: 'x'"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """A finite float in [low, high] (``low_open``/``high_open``: that end excluded)."""
+    if high == math.inf:
+        want = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        want = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text):
+        value = float(text)
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):  # NaN fails every comparison; inf is never meant
+            raise argparse.ArgumentTypeError(f"expected a number {want}; got {text}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+# What a user can cause and fix (arguments, missing or unreadable files, a missing package):
+# printed as one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CLIError, FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError, OSError)
+
+
+def report_errors(prog: str, run, errors=USER_ERRORS) -> int:
+    """``run()``'s exit code; ``errors`` print ``<prog>: error: <first line>`` and exit 2 for bad
+    arguments (:class:`UsageError`), 1 otherwise; Ctrl-C prints ``<prog>: interrupted``, exit 130."""
+    try:
+        return run()
+    except SystemExit as e:  # --help
+        return e.code or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except errors as e:
+        print(f"{prog}: error: {str(e).strip() or type(e).__name__}".splitlines()[0], file=sys.stderr)
+        return getattr(e, "exit_code", 1)
 
 
 def _device(name: str) -> torch.device:
@@ -114,10 +167,8 @@ def _bench(args):
 
     device = _device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    iters = args.iters or (20 if device.type == "cuda" else 3)
+    iters = args.iters if args.iters is not None else (20 if device.type == "cuda" else 3)
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
-    if args.frames < 1 or args.size < 32 or args.batch < 1 or iters < 1 or warmup < 0:
-        raise CLIError("--frames, --batch and --iters must be >= 1, --size >= 32, --warmup >= 0")
     torch.manual_seed(0)
     model = create_model(args.model).to(device=device, dtype=dtype).eval()
     clip = torch.randn(args.batch, 3, args.frames, args.size, args.size, device=device, dtype=dtype)
@@ -274,8 +325,6 @@ def _classify(args):
     head = sd.get("head.weight")
     if head is not None and head.shape[0] != len(labels):
         raise CLIError(f"{args.weights} classifies {head.shape[0]} classes but {args.labels} names {len(labels)}")
-    if args.frames < 1 or args.sample_rate < 1 or args.size < 32 or args.top < 1:
-        raise CLIError("--frames, --sample-rate and --top must be >= 1 and --size >= 32")
     clip = load_clip(args.video, args.frames, args.sample_rate, args.size)
     device = _device(args.device)
     model = create_model(args.model, num_classes=len(labels))
@@ -290,18 +339,20 @@ def _classify(args):
 
 
 def build_parser():
-    parser = _Parser(prog=PROG, description="UniFormer video model with fused kernels.")
+    parser = Parser(prog=PROG, description="UniFormer video model with fused kernels.")
     sub = parser.add_subparsers(dest="command", metavar="{bench,classify}")
     bench = sub.add_parser("bench", help="time each backend on a synthetic clip (default command)")
     bench.add_argument("--model", choices=list_models(), default="uniformer_small")
-    bench.add_argument("--frames", type=int, default=16)
-    bench.add_argument("--size", type=int, default=224)
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--frames", type=int_at_least(1), default=16)
+    bench.add_argument("--size", type=int_at_least(32), default=224)
+    bench.add_argument("--batch", type=int_at_least(1), default=1)
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                        help="default: bfloat16 on CUDA, float32 on the CPU")
-    bench.add_argument("--iters", type=int, default=None, help="timed runs (default 20 on CUDA, 3 on the CPU)")
-    bench.add_argument("--warmup", type=int, default=None)
+    bench.add_argument("--iters", type=int_at_least(1), default=None,
+                       help="timed runs (default 20 on CUDA, 3 on the CPU)")
+    bench.add_argument("--warmup", type=int_at_least(0), default=None,
+                       help="untimed runs first (default 3 on CUDA, 1 on the CPU)")
     bench.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b],
                        default=["official", "reference", "auto"],
                        help="comma-separated rows: official, reference, auto, triton, cpp, sdpa, compile")
@@ -311,10 +362,10 @@ def build_parser():
     classify.add_argument("--labels", required=True,
                           help="class names: a text file, one per line, or a JSON list / {name: index} map")
     classify.add_argument("--model", choices=list_models(), default="uniformer_small")
-    classify.add_argument("--frames", type=int, default=16)
-    classify.add_argument("--sample-rate", type=int, default=4, help="frame stride (16x4 models: 4)")
-    classify.add_argument("--size", type=int, default=224)
-    classify.add_argument("--top", type=int, default=5)
+    classify.add_argument("--frames", type=int_at_least(1), default=16)
+    classify.add_argument("--sample-rate", type=int_at_least(1), default=4, help="frame stride (16x4 models: 4)")
+    classify.add_argument("--size", type=int_at_least(32), default=224)
+    classify.add_argument("--top", type=int_at_least(1), default=5)
     classify.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return parser
 
@@ -326,19 +377,14 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["bench"] + argv
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command == "bench":
-            bad = [b for b in args.backends if b not in ROWS]
-            if bad or not args.backends:
-                raise UsageError(f"--backends: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(ROWS)}")
-            return _bench(args)
-        return _classify(args)
-    except SystemExit as e:  # --help
-        return e.code or 0
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except (CLIError, FileNotFoundError, ValueError, TypeError, ImportError, RuntimeError, OSError) as e:
-        print(f"{PROG}: error: {e}".splitlines()[0], file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+    return report_errors(PROG, lambda: _run(argv))
+
+
+def _run(argv):
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        bad = [b for b in args.backends if b not in ROWS]
+        if bad or not args.backends:
+            raise UsageError(f"--backends: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(ROWS)}")
+        return _bench(args)
+    return _classify(args)
