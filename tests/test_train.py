@@ -150,3 +150,86 @@ def test_torchrun_two_processes(tmp_path, mode):
     assert "done: 1 epoch(s)" in proc.stderr
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert ckpt["model"]["head.weight"].shape == (3, 512)
+
+
+@pytest.mark.parametrize("args,code,match", [
+    (["--frames", "0"], 2, "argument --frames: expected an integer >= 1; got 0"),
+    (["--batch-size", "0"], 2, "argument --batch-size: expected an integer >= 1; got 0"),
+    (["--epochs", "0"], 2, "argument --epochs: expected an integer >= 1; got 0"),
+    (["--epochs", "-2"], 2, "argument --epochs: expected an integer >= 1; got -2"),
+    (["--size", "16"], 2, "argument --size: expected an integer >= 32; got 16"),
+    (["--sample-rate", "0"], 2, "argument --sample-rate: expected an integer >= 1; got 0"),
+    (["--num-classes", "0"], 2, "argument --num-classes: expected an integer >= 1; got 0"),
+    (["--synthetic-size", "0"], 2, "argument --synthetic-size: expected an integer >= 1; got 0"),
+    (["--workers", "-1"], 2, "argument --workers: expected an integer >= 0; got -1"),
+    (["--warmup-steps", "-1"], 2, "argument --warmup-steps: expected an integer >= 0; got -1"),
+    (["--checkpoint-num", "0", "0", "0", "-1"], 2, "argument --checkpoint-num: expected an integer >= 0; got -1"),
+    (["--lr", "0"], 2, "argument --lr: expected a number > 0; got 0"),
+    (["--lr", "nan"], 2, "argument --lr: expected a number > 0; got nan"),
+    (["--weight-decay", "-0.1"], 2, "argument --weight-decay: expected a number >= 0; got -0.1"),
+    (["--drop-path", "1"], 2, "argument --drop-path: expected a number in [0, 1); got 1"),
+    (["--label-smoothing", "1.5"], 2, "argument --label-smoothing: expected a number in [0, 1]; got 1.5"),
+    (["--frames", "x"], 2, "argument --frames: invalid int value: 'x'"),
+    (["--model", "uniformer_huge"], 2, "invalid choice: 'uniformer_huge'"),
+    (["--resume", "{tmp}/missing/last.pth"], 1, "--resume: file not found: '{tmp}/missing/last.pth'"),
+    (["--resume", "{tmp}/plain.pth"], 1, "--resume '{tmp}/plain.pth' is not a checkpoint written by this "
+                                         "script: it lacks optimizer, scheduler, scaler, epoch"),
+    (["--resume", "{tmp}/notes.txt"], 1, "'{tmp}/notes.txt' is not a checkpoint that can be loaded safely"),
+    (["--pretrained", "{tmp}/missing.pth"], 1, "--pretrained: file not found: '{tmp}/missing.pth'"),
+    (["--data", "{tmp}/missing"], 1, "--data: not a directory: '{tmp}/missing'"),
+    (["--data", "{tmp}/empty"], 1, "--data: no videos (.mp4, "),
+    (["--output", "{tmp}/notes.txt"], 1, "--output: not a directory: '{tmp}/notes.txt'"),
+    (["--synthetic-size", "1"], 1, "--batch-size 2 x 1 process(es) is more than the 1 clips"),
+])
+def test_bad_arguments_get_one_line(args, code, match, tmp_path, tiny_small, capsys):
+    """Mistakes a user can fix print one line naming the option and exit 2 (arguments) or 1
+    (files), before any training, as the uniformer-fast CLI does."""
+    torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "plain.pth")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty" / "class_a").mkdir(parents=True)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert train_main(TRAIN_ARGS + args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("python -m uniformer_fast.train: error: ")
+    assert match.replace("{tmp}", str(tmp_path)) in err, err
+    assert not (tmp_path / "notes.txt").is_dir() and os.listdir(tmp_path / "empty") == ["class_a"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+def test_device_cuda_without_cuda(tiny_small, capsys):
+    assert train_main(TRAIN_ARGS + ["--device", "cuda"]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "python -m uniformer_fast.train: error: --device cuda: no CUDA device is available here"
+
+
+def test_resume_into_another_model_is_one_line(tmp_path, tiny_small, capsys):
+    train_main(TRAIN_ARGS + ["--epochs", "1", "--output", str(tmp_path)])
+    capsys.readouterr()
+    code = train_main(TRAIN_ARGS + ["--num-classes", "4", "--epochs", "2", "--resume", str(tmp_path / "last.pth")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"--resume '{tmp_path / 'last.pth'}' does not fit this run" in err and "head.weight" in err, err
+
+
+def test_undecodable_video_in_a_worker_names_the_file(tmp_path, tiny_small, capsys):
+    """A DataLoader worker's error arrives wrapped with its traceback as the message; the one line
+    printed is the error itself, with the file, not "Caught ValueError in DataLoader worker"."""
+    pytest.importorskip("av")
+    (tmp_path / "a").mkdir()
+    for name in ("x.mp4", "y.mp4"):
+        (tmp_path / "a" / name).write_bytes(b"not a video" * 10)
+    code = train_main(TRAIN_ARGS + ["--data", str(tmp_path), "--workers", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "cannot decode" in err and str(tmp_path / "a") in err, err
+
+
+def test_entry_point_exit_status_and_one_line():
+    """The real ``python -m uniformer_fast.train``: exit status 2, one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "uniformer_fast.train", "--frames", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "python -m uniformer_fast.train: error: argument --frames: expected an integer >= 1; got 0 "
+        "(see python -m uniformer_fast.train --help)"]

@@ -92,8 +92,22 @@ def report_errors(prog: str, run, errors=USER_ERRORS) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except errors as e:
-        print(f"{prog}: error: {str(e).strip() or type(e).__name__}".splitlines()[0], file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of ``e``'s message; for an error a DataLoader worker raised, whose message
+    torch makes "Caught X in DataLoader worker process N." + the worker's traceback, the last line:
+    the error itself (which names e.g. the undecodable video)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    first = lines[0]
+    if len(lines) > 1 and first.startswith("Caught ") and " in DataLoader worker " in first:
+        where = first.split(" in ", 1)[1].rstrip(".")
+        return f"{lines[-1].split(': ', 1)[-1]} (in {where})"
+    return first
 
 
 def _device(name: str) -> torch.device:

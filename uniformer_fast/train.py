@@ -10,14 +10,17 @@ shard parameters (FSDP2 ``fully_shard`` per block); ``--sync-bn`` for cross-GPU 
 statistics. A checkpoint (model, optimizer, schedule, scaler, epoch) is written to
 ``--output/last.pth`` after every epoch, atomically (an interrupted save keeps the previous one);
 ``--resume`` continues from one.
+
+Mistakes a user can fix (an argument out of range, a missing or unreadable file) print one line
+and exit non-zero before any training, as the ``uniformer-fast`` command does.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
 import sys
+from collections.abc import Mapping
 from contextlib import nullcontext
 
 import torch
@@ -26,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .checkpoint import load_checkpoint
+from .checkpoint import _read_file, load_checkpoint
+from .cli import CLIError, Parser, float_in, int_at_least, report_errors
 from .files import atomic_save
 from .model import create_model, list_models
 
@@ -90,35 +94,68 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+PROG = "python -m uniformer_fast.train"
+# Errors a user can cause and fix; a RuntimeError (out of memory, a bug) keeps its traceback.
+USER_ERRORS = (CLIError, ValueError, TypeError, OSError, ImportError)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m uniformer_fast.train", description=__doc__.split("\n\n")[0])
+    """The options, each checked for its range, and the paths checked to exist (a one-line
+    :class:`~uniformer_fast.cli.UsageError` or FileNotFoundError naming the option)."""
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=list_models(), default="uniformer_small")
     p.add_argument("--data", default=None, help="folder of <class>/<video> files; synthetic clips if omitted")
-    p.add_argument("--num-classes", type=int, default=400, help="for synthetic data")
-    p.add_argument("--synthetic-size", type=int, default=64, help="number of synthetic clips")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--sample-rate", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--num-classes", type=int_at_least(1), default=400, help="for synthetic data")
+    p.add_argument("--synthetic-size", type=int_at_least(1), default=64, help="number of synthetic clips")
+    p.add_argument("--frames", type=int_at_least(1), default=16)
+    p.add_argument("--size", type=int_at_least(32), default=224)
+    p.add_argument("--sample-rate", type=int_at_least(1), default=4)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="per process")
+    p.add_argument("--epochs", type=int_at_least(1), default=1)
+    p.add_argument("--lr", type=float_in(0, low_open=True), default=1e-4)
+    p.add_argument("--weight-decay", type=float_in(0), default=0.05)
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=0)
+    p.add_argument("--drop-path", type=float_in(0, 1, high_open=True), default=0.1)
+    p.add_argument("--label-smoothing", type=float_in(0, 1), default=0.0)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    p.add_argument("--checkpoint-num", type=int, nargs=4, default=(0, 0, 0, 0), metavar="N",
+    p.add_argument("--checkpoint-num", type=int_at_least(0), nargs=4, default=(0, 0, 0, 0), metavar="N",
                    help="blocks per stage recomputed in backward (saves activation memory)")
     p.add_argument("--pretrained", default=None, help="checkpoint to start from (2-D ImageNet ones are inflated)")
     p.add_argument("--output", default=None, help="directory for last.pth")
     p.add_argument("--resume", default=None, help="a last.pth to continue from")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int_at_least(0), default=2)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Checked now rather than where they are used: after the data and the model are set up, or
+    # after the first epoch for --output.
+    for option, path in (("--resume", args.resume), ("--pretrained", args.pretrained)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{option}: file not found: {path!r}")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data: not a directory: {args.data!r}")
+    if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise NotADirectoryError(f"--output: not a directory: {args.output!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here")
+    return args
+
+
+_RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch")
+
+
+def _read_resume(path):
+    """The training state in a ``last.pth`` this script wrote, read safely (tensors and plain
+    containers only)."""
+    ckpt = _read_file(path)
+    missing = [k for k in _RESUME_KEYS if k not in ckpt] if isinstance(ckpt, Mapping) else list(_RESUME_KEYS)
+    if missing:
+        raise ValueError(f"--resume {path!r} is not a checkpoint written by this script: it lacks "
+                         f"{', '.join(missing)} (expected the last.pth of an --output folder)")
+    return ckpt
 
 
 def _setup_distributed(device_arg):
@@ -153,8 +190,18 @@ def _state_dicts(model, optimizer):
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    """The entry point; returns the exit status: 0, 2 for bad arguments, 1 for other errors a user
+    can fix (each printed as one line), 130 on Ctrl-C."""
+    def run():
+        train(parse_args(argv))
+        return 0
+    return report_errors(PROG, run, USER_ERRORS)
+
+
+def train(args) -> float:
+    """Train as ``args`` (from :func:`parse_args`) say; returns the last step's loss."""
+    resume = _read_resume(args.resume) if args.resume else None  # a bad file fails before any work
     rank, world, device = _setup_distributed(args.device)
     torch.manual_seed(args.seed)
     if args.data:
@@ -177,7 +224,8 @@ def main(argv=None):
                         persistent_workers=args.workers > 0)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"fewer clips ({len(dataset)}) than one batch ({args.batch_size} x {world} processes)")
+        raise ValueError(f"--batch-size {args.batch_size} x {world} process(es) is more than the {len(dataset)} "
+                         f"clips ({'under --data' if args.data else '--synthetic-size'}): not one full batch")
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(args.epochs * steps_per_epoch, args.warmup_steps))
@@ -185,14 +233,18 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     start_epoch = 0
-    if args.resume:
+    if resume is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"] + 1
+        try:
+            set_state_dict(model, optimizer, model_state_dict=resume["model"], optim_state_dict=resume["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+            scheduler.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+        except (RuntimeError, KeyError, ValueError) as e:  # load_state_dict's size mismatches are RuntimeErrors
+            reason = " ".join(str(e).split())
+            raise ValueError(f"--resume {args.resume!r} does not fit this run (another --model, --num-classes "
+                             f"or set of classes?): {reason}") from e
+        start_epoch = resume["epoch"] + 1
 
     show = rank == 0 and not args.no_progress
     last_loss = float("nan")
@@ -245,4 +297,4 @@ def _bar(total, desc, show):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
