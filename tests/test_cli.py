@@ -137,6 +137,27 @@ def test_classify_error_paths(classify_files, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and match in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("name,content,match", [
+    ("labels.txt", b"\xff\xfeclass 0\n", "not UTF-8 text"),
+    ("labels.json", b'["a", "b",', "not valid JSON"),
+    ("labels.json", b"", "not valid JSON"),
+    ("labels.json", b"[]", "no class names"),
+    ("labels.json", b'{"a": 0, "b": true}', "distinct index 0..1"),
+    ("labels.json", b'["a", 2]', "expected a JSON list of class names"),
+    ("labels.txt", b"\n  \n", "no class names"),
+    ("labels.txt", b"a\nb\n", "names 2"),  # 6 classes in the weights
+])
+def test_every_labels_file_error_names_it(name, content, match, classify_files, tmp_path, capsys):
+    video, weights, _, _ = classify_files
+    labels = tmp_path / "bad" / name
+    labels.parent.mkdir()
+    labels.write_bytes(content)
+    code, out, err = run_cli(["classify", str(video), "--weights", str(weights), "--labels", str(labels),
+                              "--frames", "4", "--size", "64"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(labels) in err and match in err, err
+
+
 def test_json_label_maps(tmp_path, classify_files, capsys):
     video, weights, _, _ = classify_files
     mapping = tmp_path / "map.json"

@@ -308,23 +308,35 @@ class _PlainProgress:
 
 
 def _read_labels(path):
+    """Class names from a text file (one per line) or a JSON list / {name: index} map; every error
+    names the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"labels file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     if path.endswith(".json"):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
         if isinstance(data, dict):  # {"class name": index}, the Kinetics label-map form
             labels = [None] * len(data)
             for name, idx in data.items():
-                if not isinstance(idx, int) or not 0 <= idx < len(data) or labels[idx] is not None:
+                if type(idx) is not int or not 0 <= idx < len(data) or labels[idx] is not None:  # not bool
                     raise CLIError(f"{path}: a JSON label map must map each class name to a distinct index "
                                    f"0..{len(data) - 1}")
                 labels[idx] = name
-            return labels
-        if isinstance(data, list) and all(isinstance(n, str) for n in data):
-            return data
-        raise CLIError(f"{path}: expected a JSON list of class names or a {{name: index}} map")
+        elif isinstance(data, list) and all(isinstance(n, str) for n in data):
+            labels = data
+        else:
+            raise CLIError(f"{path}: expected a JSON list of class names or a {{name: index}} map")
+        if not labels:
+            raise CLIError(f"{path}: no class names (an empty JSON {type(data).__name__})")
+        return labels
     labels = [line.strip() for line in text.splitlines() if line.strip()]
     if not labels:
         raise CLIError(f"{path}: no class names (expected one per line)")
