@@ -1,4 +1,6 @@
+import os
 import pickle
+import subprocess
 import sys
 import types
 
@@ -158,9 +160,18 @@ def test_files_that_are_not_checkpoints(tmp_path):
         read_state_dict({})
 
 
-def fake_hub(monkeypatch, download):
+def fake_hub(monkeypatch, download, reachable=True):
+    """A stand-in huggingface_hub: ``download(repo_id, filename, **kwargs)``; the Hub answers the
+    quick metadata request unless ``reachable`` is False."""
+    def metadata(url, timeout):
+        if not reachable:
+            raise OSError("[Errno 111] Connection refused")
+
     module = types.ModuleType("huggingface_hub")
     module.hf_hub_download = download
+    module.hf_hub_url = lambda repo_id, filename: f"https://hub.test/{repo_id}/resolve/main/{filename}"
+    module.get_hf_file_metadata = metadata
+    module.constants = types.SimpleNamespace(HF_HUB_OFFLINE=False, ENDPOINT="https://hub.test")
     monkeypatch.setitem(sys.modules, "huggingface_hub", module)
 
 
@@ -177,7 +188,7 @@ def test_pretrained_name_resolves_through_the_hub(tmp_path, monkeypatch):
     torch.save({"model": sd}, tmp_path / "uniformer_small_k600_16x4.pth")
     calls = []
 
-    def download(repo_id, filename):
+    def download(repo_id, filename, **kwargs):
         calls.append((repo_id, filename))
         return str(tmp_path / filename)
 
@@ -189,7 +200,7 @@ def test_pretrained_name_resolves_through_the_hub(tmp_path, monkeypatch):
 
 
 def test_pretrained_without_network_says_how(monkeypatch):
-    def offline(repo_id, filename):
+    def offline(repo_id, filename, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     fake_hub(monkeypatch, offline)
@@ -200,6 +211,73 @@ def test_pretrained_without_network_says_how(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(RuntimeError, match="pip install huggingface_hub"):
         uf.uniformer_small(pretrained="uniformer_small_k400_16x8")
+
+
+def test_pretrained_unreachable_hub_uses_the_cache_or_says_how(monkeypatch, tmp_path):
+    """Where the quick request fails, the full download (which retries for ~20 s) is not tried:
+    a copy in the Hugging Face cache is used, or the error says how to get the file."""
+    calls = []
+
+    def download(repo_id, filename, **kwargs):
+        calls.append(kwargs)
+        if os.path.exists(tmp_path / filename):
+            return str(tmp_path / filename)
+        raise FileNotFoundError("not in the cache")
+
+    fake_hub(monkeypatch, download, reachable=False)
+    with pytest.raises(RuntimeError, match=r"cannot reach the Hugging Face Hub at https://hub\.test \(OSError: "
+                                           r"\[Errno 111\] Connection refused\) and uniformer_small_k400_16x8\.pth "
+                                           r"is not in its local cache; without network access, download"):
+        uf.uniformer_small(pretrained="uniformer_small_k400_16x8")
+    assert calls == [{"local_files_only": True}]
+    torch.save(source_state_dict(), tmp_path / "uniformer_small_k400_16x8.pth")
+    assert uf.checkpoint.resolve_pretrained("uniformer_small_k400_16x8", "uniformer_small") == \
+        (str(tmp_path / "uniformer_small_k400_16x8.pth"), 400)
+
+
+def test_pretrained_hub_answering_404_is_reported_by_the_download(monkeypatch):
+    calls = []
+
+    def download(repo_id, filename, **kwargs):
+        calls.append(kwargs)
+        raise OSError("404 Client Error: Entry Not Found")
+
+    def metadata(url, timeout):
+        error = OSError("404 Client Error")
+        error.response = types.SimpleNamespace(status_code=404)
+        raise error
+
+    fake_hub(monkeypatch, download)
+    sys.modules["huggingface_hub"].get_hf_file_metadata = metadata
+    with pytest.raises(RuntimeError, match=r"could not fetch uniformer_small_k400_32x4\.pth from the Hugging Face "
+                                           r"Hub \(OSError: 404 Client Error: Entry Not Found\)"):
+        uf.uniformer_small(pretrained="uniformer_small_k400_32x4")
+    assert calls == [{}]  # the ordinary download, not the cache-only one
+
+
+NO_NETWORK = r"""
+import time
+from uniformer_fast.checkpoint import resolve_pretrained
+start = time.perf_counter()
+try:
+    resolve_pretrained("uniformer_small_k400_16x8", "uniformer_small")
+except RuntimeError as e:
+    print(f"{time.perf_counter() - start:.2f}\n{e}")
+"""
+
+
+def test_pretrained_name_without_network_fails_within_seconds(tmp_path):
+    """The real huggingface_hub, its endpoint a closed local port: an error in seconds (it used to
+    retry for 23 s) that says how to get the file."""
+    pytest.importorskip("huggingface_hub")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # 9: discard, never listening
+    proc = subprocess.run([sys.executable, "-c", NO_NETWORK], env=env, capture_output=True, text=True, timeout=120)
+    seconds, message = proc.stdout.split("\n", 1)
+    assert float(seconds) < 5, proc.stdout + proc.stderr
+    assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9" in message
+    assert "download uniformer_small_k400_16x8.pth from https://huggingface.co/Sense-X/uniformer_video" in message
+    assert "HF_HUB_OFFLINE=1" in message
 
 
 def test_pretrained_bad_names():

@@ -167,13 +167,45 @@ def resolve_pretrained(pretrained: str, model_name: str):
     manual = (f"download {filename} from https://huggingface.co/{HUB_REPO} and pass its local path "
               f"as pretrained='/path/to/{filename}'")
     try:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub as hub
+        from huggingface_hub import constants as hub_constants  # a submodule, not an attribute
     except ImportError as e:
         raise RuntimeError(f"pretrained={pretrained!r} needs huggingface_hub (pip install huggingface_hub); "
                            f"or {manual}") from e
+    manual += "; or copy a Hugging Face cache that holds it into HF_HOME and set HF_HUB_OFFLINE=1"
+    if not hub_constants.HF_HUB_OFFLINE:
+        unreachable = _hub_unreachable(hub, filename)
+        if unreachable is not None:
+            try:  # as the hub itself does when offline: a copy in the cache
+                path = hub.hf_hub_download(repo_id=HUB_REPO, filename=filename, local_files_only=True)
+            except Exception:
+                raise RuntimeError(f"cannot reach the Hugging Face Hub at {hub_constants.ENDPOINT} ({unreachable}) "
+                                   f"and {filename} is not in its local cache; without network access, "
+                                   f"{manual}") from None
+            return path, _DATASET_CLASSES.get(dataset)
     try:
-        path = hf_hub_download(repo_id=HUB_REPO, filename=filename)
+        path = hub.hf_hub_download(repo_id=HUB_REPO, filename=filename)
     except Exception as e:  # the hub raises many types: offline, not found, HTTP errors
         raise RuntimeError(f"could not fetch {filename} from the Hugging Face Hub ({type(e).__name__}: {e}); "
                            f"without network access, {manual}") from e
     return path, _DATASET_CLASSES.get(dataset)
+
+
+# hf_hub_download (huggingface_hub 2.4) retries a failed metadata request 5 times with back-off
+# (1 + 2 + 4 + 8 + 8 s) on network errors, 408, 429 and 5xx when the file is not cached, and has
+# no argument to turn that off: without network a name took 23 s to fail. So one metadata request
+# first, which get_hf_file_metadata makes without retrying.
+_HUB_PROBE_TIMEOUT = 5.0  # seconds: a HEAD to the Hub takes well under one where it is reachable
+
+
+def _hub_unreachable(hub, filename: str) -> Optional[str]:
+    """Why one quick metadata request for ``filename`` got no usable answer from the Hub, or None if
+    it answered (a 404 or 401 included: hf_hub_download reports those at once, without retrying)."""
+    try:
+        hub.get_hf_file_metadata(hub.hf_hub_url(HUB_REPO, filename), timeout=_HUB_PROBE_TIMEOUT)
+    except Exception as e:  # httpx/requests connection errors, timeouts, HfHubHTTPError
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is not None and status < 500 and status not in (408, 429):  # those are retried
+            return None
+        return f"{type(e).__name__}: {' '.join(str(e).split()) or 'no answer'}"
+    return None
