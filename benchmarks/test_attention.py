@@ -5,6 +5,8 @@ Each group is one pass at one stage shape; its rows are the backends. Baseline: 
 the official model's explicit attention (permute q/k/v out of the packed tensor, materialise the
 N x N probabilities, softmax, matmul, permute back) - what the official UniFormer runs.
 ``sdpa`` counts the layout copies it needs; which SDPA kernel ran is in ``kernels``.
+``sdpa_unchecked`` is PyTorch's SDPA without the backend's NaN check: the row beside ``sdpa``
+shows what keeping NaN costs.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 
 from uniformer_fast import ops
 from uniformer_fast.ops import attention_reference
+from uniformer_fast.ops.attention import sdpa_unchecked
 
 from . import floors
 from .harness import (DEVICE, DTYPE, DTYPE_NAME, ELEM_BYTES, HEAD_DIM, OP_FRAMES, call_or_skip,
@@ -20,7 +23,7 @@ from .harness import (DEVICE, DTYPE, DTYPE_NAME, ELEM_BYTES, HEAD_DIM, OP_FRAMES
                       run, sdpa_flags, stage_shape)
 
 BASELINE = "reference"
-ROWS = [BASELINE, "sdpa", "triton"]
+ROWS = [BASELINE, "sdpa", "sdpa_unchecked", "triton"]
 CASES = [(stage, frames) for stage in (3, 4) for frames in OP_FRAMES]
 PARAMS = ([(c, p, b) for p in ("fwd", "fwd+bwd") for c in CASES for b in ROWS]
           + [(c, p, "compile") for p in ("fwd", "fwd+bwd") for c in CASES])
@@ -48,6 +51,11 @@ def test_attention(benchmark, param):
 
         def fn(qkv):
             return compiled(qkv, heads, scale, 0.0)
+    elif backend == "sdpa_unchecked":
+        op_backend_or_skip("attention", "sdpa")
+
+        def fn(qkv):
+            return sdpa_unchecked(qkv, heads, scale).flatten(2)
     else:
         op_backend_or_skip("attention", backend)
 
@@ -70,7 +78,7 @@ def test_attention(benchmark, param):
             "baseline": backend == BASELINE,
             "backend_used": "torch.compile(attention_reference)" if backend == "compile" else backend,
             "kernels": profile_kernels(calls[0])}
-    if backend == "sdpa":
+    if backend.startswith("sdpa"):
         info["sdpa_enabled"] = sdpa_flags()
     work = floors.attention(B, N, heads, HEAD_DIM, e=ELEM_BYTES, backward=backward)
     run(benchmark, calls, work=work, info=info, bytes_per_slot=qkv_bytes * (2 if backward else 1))
