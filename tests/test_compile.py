@@ -47,7 +47,15 @@ def attention_cases():
     ]
 
 
-@pytest.mark.parametrize("name,args", dwconv_cases() + attention_cases())
+def linear_cases():
+    linear_mod = importlib.import_module("uniformer_fast.ops.linear")
+    needs_onednn = pytest.mark.skipif(linear_mod._ONEDNN_LINEAR is None, reason="no oneDNN linear")
+    x, w, b = torch.randn(5, 16), torch.randn(8, 16), torch.randn(8)
+    return [pytest.param("linear_onednn", (x, w, b, "gelu"), marks=needs_onednn, id="onednn_gelu"),
+            pytest.param("linear_onednn", (x, w, None, "none"), marks=needs_onednn, id="onednn")]
+
+
+@pytest.mark.parametrize("name,args", dwconv_cases() + attention_cases() + linear_cases())
 def test_opcheck(name, args):
     """Schema, fake (meta) implementation, and dispatch through AOT autograd all agree."""
     torch.library.opcheck(getattr(torch.ops.uniformer_fast, name).default, args)
