@@ -6,6 +6,7 @@ code) or with safetensors; nothing in a checkpoint is ever executed.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -23,9 +24,14 @@ _DATASET_CLASSES = {"k400": 400, "k600": 600, "sthv1": 174, "sthv2": 174, "ssv1"
 _PRETRAINED_NAME = re.compile(r"^(uniformer_(?:small|base))_([a-z0-9]+)_(\d+x\d+)$")
 
 
-def _read_file(path: str) -> Mapping:
+def _read_file(path: str):
+    """What the file holds (any object ``torch.load(weights_only=True)`` allows); every error names it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path!r} is empty (0 bytes), not a checkpoint")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -34,15 +40,29 @@ def _read_file(path: str) -> Mapping:
         try:
             return load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error type for a bad header
-            raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
+            raise ValueError(f"{path!r} is not a readable safetensors file: {_one_line(e)}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises many types (UnpicklingError, KeyError, EOFError...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError as e:  # code, or an object of a class that is not allowed, or garbage
         raise ValueError(
             f"{path!r} is not a checkpoint that can be loaded safely: torch.load(weights_only=True) "
-            f"failed ({first}). Only tensors and plain containers are accepted; convert other files "
-            f"to a plain state dict or to .safetensors") from e
+            f"refused it ({_one_line(e)}). Only tensors and plain containers are accepted; convert other "
+            f"files to a plain state dict or to .safetensors") from e
+    except Exception as e:  # a cut zip archive is an OSError or a RuntimeError, a cut pickle an EOFError
+        raise ValueError(f"{path!r} is not a checkpoint, or a truncated or corrupt one: torch.load failed "
+                         f"({type(e).__name__}: {_one_line(e)})") from e
+
+
+# Paragraphs torch wraps around the reason a weights-only load failed; one of them advises loading
+# with weights_only=False, which runs any code in the file: not advice to pass on.
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _one_line(e: Exception) -> str:
+    """The reason in ``e``'s message, as one line, without torch's advice."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = " ".join(line for line in lines if not line.startswith(_TORCH_ADVICE))
+    return reason or type(e).__name__
 
 
 def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> dict[str, torch.Tensor]:
@@ -51,8 +71,13 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> dict[str, torch
     Unwraps ``{"model": ...}``, ``{"model_state": ...}`` and ``{"state_dict": ...}`` and strips the
     ``module.`` (DDP) and ``backbone.`` prefixes.
     """
+    where = ""  # "<path> is " before each error about a file's content
     if isinstance(source, (str, os.PathLike)):
-        sd = _read_file(os.fspath(source))
+        path = os.fspath(source)
+        sd, where = _read_file(path), f"{path!r} is "
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{path!r} holds a {type(sd).__name__}, not a state dict (a mapping of parameter "
+                             f"names to tensors)")
     elif isinstance(source, Mapping):
         sd = source
     else:
@@ -65,8 +90,11 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> dict[str, torch
         sd = inner
     out = {}
     for key, value in sd.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor "
+        if not isinstance(key, str):
+            raise ValueError(f"{where}not a state dict: key {key!r} is a {type(key).__name__}, not a "
+                             f"parameter name")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor "
                              f"(expected a mapping of parameter names to tensors, optionally wrapped "
                              f"under one of {_WRAPPER_KEYS})")
         stripped = True
@@ -77,7 +105,7 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> dict[str, torch
                     key, stripped = key[len(prefix):], True
         out[key] = value
     if not out:
-        raise ValueError("not a state dict: it holds no tensors")
+        raise ValueError(f"{where}not a state dict: it holds no tensors")
     return out
 
 
