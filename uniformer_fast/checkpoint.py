@@ -40,17 +40,17 @@ def _read_file(path: str):
         try:
             return load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error type for a bad header
-            raise ValueError(f"{path!r} is not a readable safetensors file: {_one_line(e)}") from e
+            raise ValueError(f"{path!r} is not a readable safetensors file: {_reason(e)}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # code, or an object of a class that is not allowed, or garbage
         raise ValueError(
             f"{path!r} is not a checkpoint that can be loaded safely: torch.load(weights_only=True) "
-            f"refused it ({_one_line(e)}). Only tensors and plain containers are accepted; convert other "
+            f"refused it ({_reason(e)}). Only tensors and plain containers are accepted; convert other "
             f"files to a plain state dict or to .safetensors") from e
     except Exception as e:  # a cut zip archive is an OSError or a RuntimeError, a cut pickle an EOFError
         raise ValueError(f"{path!r} is not a checkpoint, or a truncated or corrupt one: torch.load failed "
-                         f"({type(e).__name__}: {_one_line(e)})") from e
+                         f"({type(e).__name__}: {_reason(e)})") from e
 
 
 # Paragraphs torch wraps around the reason a weights-only load failed; one of them advises loading
@@ -58,7 +58,7 @@ def _read_file(path: str):
 _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
-def _one_line(e: Exception) -> str:
+def _reason(e: Exception) -> str:
     """The reason in ``e``'s message, as one line, without torch's advice."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     reason = " ".join(line for line in lines if not line.startswith(_TORCH_ADVICE))

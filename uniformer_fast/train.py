@@ -100,8 +100,9 @@ USER_ERRORS = (CLIError, ValueError, TypeError, OSError, ImportError)
 
 
 def parse_args(argv=None):
-    """The options, each checked for its range, and the paths checked to exist (a one-line
-    :class:`~uniformer_fast.cli.UsageError` or FileNotFoundError naming the option)."""
+    """The options, each checked for its range (else a one-line
+    :class:`~uniformer_fast.cli.UsageError` naming it), and the paths checked to exist and be of the
+    right kind (else a FileNotFoundError or NotADirectoryError naming the option)."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=list_models(), default="uniformer_small")
     p.add_argument("--data", default=None, help="folder of <class>/<video> files; synthetic clips if omitted")
