@@ -321,8 +321,8 @@ def _launch(a, b, c, M, N, K, stride_a, stride_b, *, a_k_contig, b_k_contig, bia
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, *, config=None) -> torch.Tensor:
     """y = act(x @ weight^T + bias). x: (M, K), unit last stride (else copied), any row stride;
     weight: (N, K), unit last stride (else copied); bias: (N,) or None, any stride (copied unless
-    dense); activation "none" or
-    "gelu"; M >= 0, N, K >= 1. Returns y (M, N) contiguous, in x's dtype."""
+    dense); activation "none" or "gelu"; M >= 0, N, K >= 1. Returns y (M, N) contiguous, in x's
+    dtype."""
     x, weight, bias = unit_stride(x), unit_stride(weight), dense(bias)
     M, K = x.shape
     N = weight.shape[0]

@@ -124,10 +124,10 @@ class _DPELayerNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ln_weight, ln_bias, eps):
         x = _channels_last(x)
-        b = None if bias is None else bias.detach().contiguous()
+        b = None if bias is None else bias.detach()
         kernel = list(weight.shape[2:])
-        y, z, mean, rstd = dpe_layernorm_triton_fwd(x, _weight_taps(weight), b, ln_weight.detach().contiguous(),
-                                                    ln_bias.detach().contiguous(), eps, kernel)
+        y, z, mean, rstd = dpe_layernorm_triton_fwd(x, _weight_taps(weight), b, ln_weight.detach(),
+                                                    ln_bias.detach(), eps, kernel)
         ctx.save_for_backward(x, weight, ln_weight, y, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)
@@ -142,7 +142,7 @@ class _DPELayerNormTriton(torch.autograd.Function):
         if grad_z is not None:
             gy, dlnw, dlnb = dpe_layernorm_triton_bwd_ln(
                 y, _channels_last(grad_z), None if grad_y is None else _channels_last(grad_y),
-                ln_weight.detach().contiguous(), mean, rstd)
+                ln_weight.detach(), mean, rstd)
             grad_lnw = dlnw.to(ln_weight.dtype) if ctx.needs_input_grad[3] else None
             grad_lnb = dlnb.to(ln_weight.dtype) if ctx.needs_input_grad[4] else None
         elif grad_y is not None:

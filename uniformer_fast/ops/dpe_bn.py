@@ -122,7 +122,7 @@ class _DPEBNStatsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         x = _channels_last(x)
-        b = None if bias is None else bias.detach().contiguous()
+        b = None if bias is None else bias.detach()
         y, mean, var = dpe_bn_stats_triton_fwd(x, _weight_taps(weight), b, list(weight.shape[2:]))
         # y is the op's output (kept alive by its consumers anyway): saving it costs no memory.
         ctx.save_for_backward(x, weight, y, mean)

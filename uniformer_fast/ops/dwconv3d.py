@@ -244,7 +244,7 @@ class _DWConv3dTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual):
         x = _channels_last(x)
-        b = None if bias is None else bias.detach().contiguous()
+        b = None if bias is None else bias.detach()
         kernel = list(weight.shape[2:])
         y = dwconv3d_triton_fwd(x, _weight_taps(weight), b, residual, kernel)
         ctx.save_for_backward(x, weight)

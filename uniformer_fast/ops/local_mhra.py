@@ -140,7 +140,7 @@ def _tail_triton_backward(u, attn_weight, attn_bias, conv2_weight, grad_y, needs
     kernel = list(attn_weight.shape[2:])
     grad_u = grad_aw = grad_ab = grad_w2 = grad_b2 = grad_r = None
     if need_w2:  # dW2 = dy^T a, with a recomputed as the forward had it (rounded to u's dtype)
-        ab = None if attn_bias is None else attn_bias.detach().contiguous()
+        ab = None if attn_bias is None else attn_bias.detach()
         a = dwconv3d_triton_fwd(u, _weight_taps(attn_weight), ab, False, kernel)
         grad_w2 = (dy.t() @ _flat(a)).reshape(conv2_weight.shape)
     if need_b2 and has_conv2_bias:
@@ -170,8 +170,8 @@ class _LocalMHRATailTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
         u = _channels_last(u)
-        ab = None if attn_bias is None else attn_bias.detach().contiguous()
-        b2 = None if conv2_bias is None else conv2_bias.detach().contiguous()
+        ab = None if attn_bias is None else attn_bias.detach()
+        b2 = None if conv2_bias is None else conv2_bias.detach()
         r = None if residual is None else _channels_last(residual)
         kernel = list(attn_weight.shape[2:])
         w2t = conv2_weight.detach().flatten(1).t().contiguous()
@@ -270,8 +270,8 @@ class _LocalMHRATailBNStatsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual):
         u = _channels_last(u)
-        ab = None if attn_bias is None else attn_bias.detach().contiguous()
-        b2 = None if conv2_bias is None else conv2_bias.detach().contiguous()
+        ab = None if attn_bias is None else attn_bias.detach()
+        b2 = None if conv2_bias is None else conv2_bias.detach()
         r = None if residual is None else _channels_last(residual)
         w2t = conv2_weight.detach().flatten(1).t().contiguous()
         y, mean, var = local_mhra_tail_bn_stats_triton_fwd(u, _weight_taps(attn_weight), ab, w2t, b2, r,
