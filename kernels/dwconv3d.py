@@ -15,7 +15,8 @@ thread loads 16 bytes along C):
 
 Kernels:
 
-- :func:`dwconv3d_fwd_kernel`: ``y = conv(x) (+ bias) (+ x)``. A program owns BLOCK_P positions
+- :func:`dwconv3d_fwd_kernel`: ``y = conv(x) (+ bias) (+ x)``; with ``STATS`` it also writes the
+  BatchNorm partial statistics of y (kernels/bn_stats.py), for the CBlock's DPE in training. A program owns BLOCK_P positions
   (a run of the flattened T*H*W positions of one batch element) x BLOCK_C channels and
   accumulates in float32 over the taps: a runtime loop over the KT*KH rows of taps, unrolled
   along KW; each tap's BLOCK_C weights are loaded once per program. The input gradient is the same kernel
@@ -38,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, check_channel_stride, dense
+from .bn_stats import TilePartials, store_bn_partials
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KERNEL = 7
@@ -162,10 +164,12 @@ def dwconv3d_fwd_kernel(
     w_ptr,  # (KT * KH * KW, C) contiguous
     b_ptr,  # (C,) or a dummy when HAS_BIAS is False
     y_ptr,  # (B, T, H, W, C) contiguous
+    phi_ptr, psdev_ptr, pm2_ptr,  # STATS: (B * tiles_per_batch, C) float32 partials (bn_stats.py); else dummies
     C, T, H, W,
     stride_xb, stride_xt, stride_xh, stride_xw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+    STATS: tl.constexpr,  # also write the BatchNorm partial statistics of the stored y
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -179,7 +183,10 @@ def dwconv3d_fwd_kernel(
     mask = p_mask[:, None] & c_mask[None, :]
     THW = T * H * W
     y_off = (pid_b * THW + p) * C
-    tl.store(y_ptr + y_off[:, None] + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_off[:, None] + c[None, :], y, mask=mask)
+    if STATS:
+        store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_ptr, pm2_ptr, BLOCK_P)
 
 
 @triton.jit
@@ -255,8 +262,8 @@ def dwconv3d_bwd_dw_kernel(
 # --- launchers ------------------------------------------------------------------------------------
 
 def dwconv3d_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, residual: bool,
-                 kernel_size: tuple) -> torch.Tensor:
-    """``conv(x) (+ bias) (+ x)``.
+                 kernel_size: tuple, stats: bool = False):
+    """``conv(x) (+ bias) (+ x)``, and with ``stats`` the batch statistics of it.
 
     Args:
         x: (B, C, T, H, W) with unit channel stride (a ``channels_last_3d`` tensor or a B/T/H/W
@@ -265,9 +272,12 @@ def dwconv3d_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, residual: boo
         bias: (C,) or None.
         residual: add ``x`` to the result.
         kernel_size: (KT, KH, KW), odd, each <= 7.
+        stats: also return the per-channel batch mean and biased variance of y (as stored).
 
     Returns:
-        (B, C, T, H, W) in dense ``channels_last_3d`` memory, x's dtype.
+        y (B, C, T, H, W) in dense ``channels_last_3d`` memory, x's dtype; with ``stats``,
+        ``(y, mean, var)``, mean and var (C,) float32 over (B, T, H, W), var divided by
+        N = B*T*H*W (kernels/bn_stats.py: deterministic, no atomics).
     """
     check_channel_stride("x", x)
     B, C, T, H, W = x.shape
@@ -278,14 +288,17 @@ def dwconv3d_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, residual: boo
     cfg = fwd_config(C, kernel_size)
     BLOCK_P, BLOCK_C, num_warps = cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["num_warps"]
     sb, _, st, sh, sw = x.stride()
+    partials = TilePartials(B, C, T * H * W, BLOCK_P, x.device) if stats else None
     grid = (triton.cdiv(T * H * W, BLOCK_P), triton.cdiv(C, BLOCK_C), B)
     dwconv3d_fwd_kernel[grid](
         x, weight_taps, bias if bias is not None else weight_taps, y,
+        *((partials.phi, partials.psdev, partials.pm2) if stats else (y, y, y)),
         C, T, H, W, sb, st, sh, sw,
-        KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual,
+        KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual, STATS=stats,
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
     )
-    return y.permute(0, 4, 1, 2, 3)
+    y = y.permute(0, 4, 1, 2, 3)
+    return (y, *partials.merge()) if stats else y
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,11 +1,14 @@
-"""The tail of a Local MHRA (CBlock): ``residual + conv2(dwconv(u) + attn_bias)`` in one Triton kernel.
+"""The tail of a Local MHRA (CBlock): ``residual + scale[b] * conv2(dwconv(u) + attn_bias)`` in one
+Triton kernel.
 
 ``dwconv`` is the depthwise 5x5x5 affinity (any odd kernel up to 7) and ``conv2`` the 1x1x1
 projection, a C x C matmul plus bias. A program holds a tile of BLOCK_P positions x all C channels
 (padded to BLOCK_C, the next power of two >= 16), so the depthwise result ``a`` lives only in
 registers: it is accumulated in float32 over the taps, rounded to the input dtype (what the
 unfused path stores) and multiplied by the projection with ``tl.dot`` on tensor cores, then the
-projection bias and the residual are added and the result is stored channels-last. Per position
+projection bias is added, the branch is multiplied by its sample's ``scale`` (stochastic depth:
+0 for a dropped sample, ``1 / keep`` for a kept one; optional), the residual is added and the
+result is stored channels-last. Per position
 the kernel reads u's halo, the residual and writes y, against the unfused path's extra write and
 read of ``a`` and of the projection output.
 
@@ -16,14 +19,13 @@ Layouts (channels-last, unit channel stride; other strides free):
 - ``attn_taps``: (KT * KH * KW, C) contiguous, tap-major (as kernels/dwconv3d.py).
 - ``conv2_wt``: (C_in, C_out) = (C, C) contiguous, the transposed projection weight, so that
   ``y = a @ conv2_wt``.
+- ``branch_scale``: (B,) contiguous, any float dtype (read as float32).
 - ``y``: (B, T, H, W, C) contiguous (dense ``channels_last_3d``), written here.
 
-With ``STATS`` the kernel also writes, per program, the partial batch statistics of the y it
-stores (the tile's mean ``hi``, sum of ``y - hi`` and ``M2`` about ``hi`` per channel: the layout
-of kernels/dpe_bn.py, whose merge kernel reduces them to the batch mean and biased variance), so
-the CBlock's ``norm2`` in training needs no statistics pass over y
-(:func:`local_mhra_tail_bn_stats_fwd`). Its backward adds the statistics' gradients with
-kernels/dpe_bn.py's elementwise kernel, then runs the tail's backward.
+With ``STATS`` the kernel also writes the BatchNorm partial statistics of the y it stores
+(kernels/bn_stats.py, as the DPE's forward does), so the CBlock's ``norm2`` in training needs no
+statistics pass over y (``stats=True`` of :func:`local_mhra_tail_fwd`). Its backward adds the
+statistics' gradients with kernels/bn_stats.py's elementwise kernel, then runs the tail's backward.
 
 The backward recomputes ``a`` with kernels/dwconv3d.py's forward kernel and reuses its kernels for
 the depthwise gradients; the projection gradients are plain matmuls (uniformer_fast/ops/local_mhra.py).
@@ -39,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, check_channel_stride, dense
-from .dpe_bn import merge_tile_partials, store_bn_partials
+from .bn_stats import TilePartials, store_bn_partials
 from .dwconv3d import conv_tile
 from .attention import dot_precision, matmul_kind
 
@@ -123,6 +125,7 @@ def local_mhra_tail_fwd_kernel(
     ab_ptr,  # (C,) depthwise bias, or a dummy when HAS_ATTN_BIAS is False
     w2_ptr,  # (C, C) contiguous: conv2's weight transposed, (C_in, C_out)
     b2_ptr,  # (C,) projection bias, or a dummy when HAS_CONV2_BIAS is False
+    bs_ptr,  # (B,) the branch's per-sample scale, or a dummy when HAS_BRANCH_SCALE is False
     r_ptr,  # (B, T, H, W, C) strided, unit channel stride, or a dummy when HAS_RESIDUAL is False
     y_ptr,  # (B, T, H, W, C) contiguous
     phi_ptr,  # STATS: (B * tiles_per_batch, C) float32, each tile's per-channel mean of y: hi; else a dummy
@@ -132,8 +135,9 @@ def local_mhra_tail_fwd_kernel(
     stride_ub, stride_ut, stride_uh, stride_uw,
     stride_rb, stride_rt, stride_rh, stride_rw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_ATTN_BIAS: tl.constexpr, HAS_CONV2_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    STATS: tl.constexpr,  # also write the BatchNorm partial statistics of y (kernels/dpe_bn.py's layout)
+    HAS_ATTN_BIAS: tl.constexpr, HAS_CONV2_BIAS: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    STATS: tl.constexpr,  # also write the BatchNorm partial statistics of y (kernels/bn_stats.py)
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -157,6 +161,8 @@ def local_mhra_tail_fwd_kernel(
         y = tl.dot(a, w2, input_precision=PRECISION)
     if HAS_CONV2_BIAS:
         y += tl.load(b2_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BRANCH_SCALE:  # stochastic depth, before the residual add as DropPath does
+        y *= tl.load(bs_ptr + pid_b).to(tl.float32)
     mask = p_mask[:, None] & c_mask[None, :]
     if HAS_RESIDUAL:
         r_off = (pid_b * stride_rb + t.to(tl.int64) * stride_rt + h.to(tl.int64) * stride_rh
@@ -165,50 +171,16 @@ def local_mhra_tail_fwd_kernel(
     y_off = (pid_b * THW + p) * C
     y = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_off[:, None] + c[None, :], y, mask=mask)
-    if STATS:  # the next BatchNorm's partial statistics of the stored y, for dpe_bn's merge
+    if STATS:  # the next BatchNorm's partial statistics of the stored y
         store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_ptr, pm2_ptr, BLOCK_P)
 
 
 # --- launcher -------------------------------------------------------------------------------------
 
-def _launch(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size, stats):
-    """Checks, launches the forward kernel; returns y (B, T, H, W, C) contiguous and, when
-    ``stats``, the tile partials ``(phi, psdev, pm2)`` and the tile geometry, else None."""
-    check_channel_stride("u", u)
-    if residual is not None:
-        check_channel_stride("residual", residual)
-    B, C, T, H, W = u.shape
-    KT, KH, KW = kernel_size
-    assert attn_taps.shape == (KT * KH * KW, C) and conv2_wt.shape == (C, C)
-    attn_taps, attn_bias, conv2_wt, conv2_bias = map(dense, (attn_taps, attn_bias, conv2_wt, conv2_bias))
-    y = torch.empty((B, T, H, W, C), dtype=u.dtype, device=u.device)
-    cfg = fwd_config(C, u.dtype, stats)
-    BLOCK_P = cfg["BLOCK_P"]
-    tiles_per_batch = triton.cdiv(T * H * W, BLOCK_P)
-    if stats:
-        phi = torch.empty((B * tiles_per_batch, C), dtype=torch.float32, device=u.device)
-        psdev, pm2 = torch.empty_like(phi), torch.empty_like(phi)
-    else:
-        phi = psdev = pm2 = y
-    sub, _, sut, suh, suw = u.stride()
-    srb, _, srt, srh, srw = residual.stride() if residual is not None else (0,) * 5
-    grid = (tiles_per_batch, B)
-    local_mhra_tail_fwd_kernel[grid](
-        u, attn_taps, attn_bias if attn_bias is not None else attn_taps, conv2_wt,
-        conv2_bias if conv2_bias is not None else conv2_wt, residual if residual is not None else u, y,
-        phi, psdev, pm2,
-        C, T, H, W, sub, sut, suh, suw, srb, srt, srh, srw,
-        KT=KT, KH=KH, KW=KW, HAS_ATTN_BIAS=attn_bias is not None,
-        HAS_CONV2_BIAS=conv2_bias is not None, HAS_RESIDUAL=residual is not None, STATS=stats,
-        PRECISION=dot_precision(u.dtype), UPCAST=INTERPRET,
-        BLOCK_P=BLOCK_P, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-    )
-    return y, ((phi, psdev, pm2), (T * H * W, tiles_per_batch, BLOCK_P)) if stats else None
-
-
 def local_mhra_tail_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, conv2_wt: torch.Tensor,
-                        conv2_bias, residual, kernel_size: tuple) -> torch.Tensor:
-    """``residual + (dwconv(u) + attn_bias) @ conv2_wt + conv2_bias``.
+                        conv2_bias, branch_scale, residual, kernel_size: tuple, stats: bool = False):
+    """``residual + branch_scale[b] * ((dwconv(u) + attn_bias) @ conv2_wt + conv2_bias)``, and with
+    ``stats`` the batch statistics of it.
 
     Args:
         u: (B, C, T, H, W) with unit channel stride (``channels_last_3d`` or a B/T/H/W slice).
@@ -216,27 +188,44 @@ def local_mhra_tail_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, con
         attn_bias: (C,) or None.
         conv2_wt: (C, C), conv2's weight transposed (C_in, C_out).
         conv2_bias: (C,) or None.
+        branch_scale: (B,), the branch's scale per sample (stochastic depth), or None (1).
         residual: (B, C, T, H, W) with unit channel stride, or None.
         kernel_size: (KT, KH, KW), odd, each <= 7.
+        stats: also return the per-channel batch mean and biased variance of y (as stored).
 
     Returns:
-        (B, C, T, H, W) in dense ``channels_last_3d`` memory, u's dtype.
+        y (B, C, T, H, W) in dense ``channels_last_3d`` memory, u's dtype; with ``stats``,
+        ``(y, mean, var)``, mean and var (C,) float32 over (B, T, H, W), var divided by
+        N = B*T*H*W (kernels/bn_stats.py: deterministic, no atomics).
     """
-    y, _ = _launch(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size, False)
-    return y.permute(0, 4, 1, 2, 3)
-
-
-def local_mhra_tail_bn_stats_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, conv2_wt: torch.Tensor,
-                                 conv2_bias, residual, kernel_size: tuple):
-    """:func:`local_mhra_tail_fwd`'s y and the per-channel batch mean and biased variance of y
-    (as stored, rounded to u's dtype) for the BatchNorm that follows: the kernel writes per-tile
-    partials from its registers, kernels/dpe_bn.py's fixed-order merge reduces them.
-
-    Returns:
-        ``(y, mean, var)``: y as :func:`local_mhra_tail_fwd`; mean and var (C,) float32 over
-        (B, T, H, W), var divided by N = B*T*H*W. Deterministic (no atomics).
-    """
-    y, (partials, geometry) = _launch(u, attn_taps, attn_bias, conv2_wt, conv2_bias, residual, kernel_size,
-                                      True)
-    mean, var = merge_tile_partials(*partials, *geometry)
-    return y.permute(0, 4, 1, 2, 3), mean, var
+    check_channel_stride("u", u)
+    if residual is not None:
+        check_channel_stride("residual", residual)
+    B, C, T, H, W = u.shape
+    KT, KH, KW = kernel_size
+    assert attn_taps.shape == (KT * KH * KW, C) and conv2_wt.shape == (C, C)
+    assert branch_scale is None or branch_scale.shape == (B,)
+    attn_taps, attn_bias, conv2_wt, conv2_bias, branch_scale = map(
+        dense, (attn_taps, attn_bias, conv2_wt, conv2_bias, branch_scale))
+    y = torch.empty((B, T, H, W, C), dtype=u.dtype, device=u.device)
+    cfg = fwd_config(C, u.dtype, stats)
+    BLOCK_P = cfg["BLOCK_P"]
+    partials = TilePartials(B, C, T * H * W, BLOCK_P, u.device) if stats else None
+    sub, _, sut, suh, suw = u.stride()
+    srb, _, srt, srh, srw = residual.stride() if residual is not None else (0,) * 5
+    grid = (triton.cdiv(T * H * W, BLOCK_P), B)
+    local_mhra_tail_fwd_kernel[grid](
+        u, attn_taps, attn_bias if attn_bias is not None else attn_taps, conv2_wt,
+        conv2_bias if conv2_bias is not None else conv2_wt,
+        branch_scale if branch_scale is not None else conv2_wt,
+        residual if residual is not None else u, y,
+        *((partials.phi, partials.psdev, partials.pm2) if stats else (y, y, y)),
+        C, T, H, W, sub, sut, suh, suw, srb, srt, srh, srw,
+        KT=KT, KH=KH, KW=KW, HAS_ATTN_BIAS=attn_bias is not None,
+        HAS_CONV2_BIAS=conv2_bias is not None, HAS_BRANCH_SCALE=branch_scale is not None,
+        HAS_RESIDUAL=residual is not None, STATS=stats,
+        PRECISION=dot_precision(u.dtype), UPCAST=INTERPRET,
+        BLOCK_P=BLOCK_P, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    y = y.permute(0, 4, 1, 2, 3)
+    return (y, *partials.merge()) if stats else y

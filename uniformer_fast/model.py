@@ -32,13 +32,21 @@ __all__ = ["UniFormer", "CBlock", "SABlock", "SplitSABlock", "create_model", "li
 MIN_SPATIAL = 32
 
 
+def drop_path_scale(x: torch.Tensor, p: float, training: bool) -> Optional[torch.Tensor]:
+    """Stochastic depth's per-sample scale of a branch x (B, ...): (B,) in x's dtype, 0 for a
+    dropped sample (probability ``p``) and ``1 / (1 - p)`` for a kept one; None when inactive
+    (``p == 0`` or not training). The one place the mask is drawn, so the fused CBlock tail
+    (which takes it as ``branch_scale``) and :func:`drop_path` drop the same samples under a seed."""
+    if p == 0.0 or not training:
+        return None
+    keep = 1.0 - p
+    return x.new_empty(x.shape[0]).bernoulli_(keep).div_(keep)
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples (dim 0) with probability ``p``, rescale the rest."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    scale = drop_path_scale(x, p, training)
+    return x if scale is None else x * scale.view((-1,) + (1,) * (x.dim() - 1))
 
 
 class DropPath(nn.Module):
@@ -117,13 +125,13 @@ class Attention(nn.Module):
         return self.proj_drop(ops.linear(x, self.proj.weight, self.proj.bias))
 
 
-def _dpe(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """Dynamic position embedding: ``x + dwconv3x3x3(x)``."""
-    return ops.dwconv3d(x, conv.weight, conv.bias, residual=True)
-
-
 def _depthwise(dim: int, k: int) -> nn.Conv3d:
     return nn.Conv3d(dim, dim, k, padding=k // 2, groups=dim)
+
+
+def _dpe_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The dynamic position embedding ``x + dwconv(x)``, with the arguments of ``ops.dpe_bn_stats``."""
+    return ops.dwconv3d(x, weight, bias, residual=True)
 
 
 def _bn_uses_batch_statistics(bn: nn.Module) -> bool:
@@ -132,49 +140,31 @@ def _bn_uses_batch_statistics(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm3d) and (bn.training or (bn.running_mean is None and bn.running_var is None))
 
 
-def _batchnorm_pointwise(bn: nn.BatchNorm3d, conv: nn.Conv3d, y: torch.Tensor, mean: torch.Tensor,
-                         var: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
-    """``activation(conv(bn(y)))`` with ``bn`` on the batch statistics ``mean``, ``var`` (biased)
-    of y that an op emitted with y, as the unfused path computes it (bn's running statistics
-    updated the same way as ``nn.BatchNorm3d``), without a normalisation pass: bn is applied on
-    load into ``conv`` by folding it into conv's weights for this step,
-    ``conv(bn(y)) = (W diag(s)) y + (W t + b)`` with ``s = gamma / sqrt(var + eps)`` and
-    ``t = beta - mean s``. The fold is differentiable, so gradients reach gamma, beta and,
-    through mean and var, y. y (B, C, T, H, W); returns (B, C_out, T, H, W)."""
+def _op_then_bn(bn: nn.Module, op, op_with_stats, *args, **kwargs):
+    """``(op(*args), stats)``: stats the batch ``(mean, var)`` of the output for ``bn``, computed by
+    ``op_with_stats`` with it when bn normalises with batch statistics and a fused backend
+    (anything but "reference") runs the call; else None, and bn runs as the plain module."""
+    if _bn_uses_batch_statistics(bn) and ops.backend_for(op_with_stats, *args, **kwargs) != "reference":
+        y, mean, var = op_with_stats(*args, **kwargs)
+        return y, (mean, var)
+    return op(*args, **kwargs), None
+
+
+def _bn_pointwise(bn: nn.Module, conv: nn.Conv3d, y: torch.Tensor, stats, activation: Optional[str] = None):
+    """``activation(conv(bn(y)))`` on y (B, C, T, H, W) -> (B, C_out, T, H, W). With the batch
+    statistics ``stats = (mean, var)`` that an op emitted with y, bn is applied on load into conv
+    (:func:`ops.fold_into_pointwise`, differentiable) and its running statistics updated as
+    ``nn.BatchNorm3d`` does: no normalisation pass over y. Without, bn then conv."""
+    if stats is None:
+        return _pointwise(conv, bn(y), activation)
+    mean, var = stats
     n = y.numel() // y.shape[1]
     if n <= 1:  # as F.batch_norm: a variance needs two values
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
-    if bn.training and bn.track_running_stats:
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(bn.num_batches_tracked)
-        with torch.no_grad():  # running_var keeps the unbiased variance, as nn.BatchNorm3d
-            bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-            bn.running_var.mul_(1.0 - factor).add_((var * (n / (n - 1))).to(bn.running_var.dtype), alpha=factor)
-    s = torch.rsqrt(var + bn.eps)  # float32 (float64 for float64)
-    if bn.weight is not None:
-        s = bn.weight.to(s.dtype) * s
-    t = -mean * s
-    if bn.bias is not None:
-        t = t + bn.bias.to(s.dtype)
-    w = conv.weight.flatten(1).to(s.dtype)  # (out, in)
-    # W t as a multiply and sum, not a matmul, so autocast keeps it in float32.
-    b = (w * t).sum(1)
-    if conv.bias is not None:
-        b = b + conv.bias.to(s.dtype)
-    a = ops.linear(y.permute(0, 2, 3, 4, 1), (w * s).to(y.dtype), b.to(y.dtype), activation=activation)
+    ops.update_running_stats(bn, mean, var, n)
+    w, b = ops.fold_into_pointwise(mean, var, bn.eps, bn.weight, bn.bias, conv.weight.flatten(1), conv.bias)
+    a = ops.linear(y.permute(0, 2, 3, 4, 1), w.to(y.dtype), b.to(y.dtype), activation=activation)
     return a.permute(0, 4, 1, 2, 3)
-
-
-def _dpe_batchnorm_pointwise(dpe: nn.Conv3d, bn: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor):
-    """``y = x + dpe(x)`` and ``conv(bn(y))`` with ``bn`` on batch statistics, in fewer passes over
-    the activation: :func:`ops.dpe_bn_stats` emits the statistics with y, and
-    :func:`_batchnorm_pointwise` folds the normalisation into conv. Returns ``(y, conv(bn(y)))``,
-    (B, C, T, H, W) each."""
-    y, mean, var = ops.dpe_bn_stats(x, dpe.weight, dpe.bias)
-    return y, _batchnorm_pointwise(bn, conv, y, mean, var)
 
 
 class CBlock(nn.Module):
@@ -194,25 +184,17 @@ class CBlock(nn.Module):
         self.mlp = CMlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x):
-        if (_bn_uses_batch_statistics(self.norm1)
-                and ops.dpe_bn_stats_backend(x, self.pos_embed.weight, self.pos_embed.bias) != "reference"):
-            x, a = _dpe_batchnorm_pointwise(self.pos_embed, self.norm1, self.conv1, x)
-        else:
-            x = _dpe(self.pos_embed, x)
-            a = _pointwise(self.conv1, self.norm1(x))
-        if self.drop_path.p > 0.0 and self.training:
-            # Stochastic depth scales the branch before the residual add: the unfused path.
-            a = ops.dwconv3d(a, self.attn.weight, self.attn.bias)
-            x = x + self.drop_path(_pointwise(self.conv2, a))
-        else:
-            tail = (a, self.attn.weight, self.attn.bias, self.conv2.weight, self.conv2.bias, x)
-            if _bn_uses_batch_statistics(self.norm2) and ops.local_mhra_tail_bn_stats_backend(*tail) != "reference":
-                # The tail kernel emits norm2's batch statistics; norm2 is folded into fc1 (+ GELU).
-                x, mean, var = ops.local_mhra_tail_bn_stats(*tail)
-                h = self.mlp.drop(_batchnorm_pointwise(self.norm2, self.mlp.fc1, x, mean, var, activation="gelu"))
-                return x + self.drop_path(self.mlp.drop(_pointwise(self.mlp.fc2, h)))
-            x = ops.local_mhra_tail(*tail)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # DPE: x = x + dwconv3x3x3(x), with norm1's batch statistics when a fused kernel emits them.
+        x, stats = _op_then_bn(self.norm1, _dpe_op, ops.dpe_bn_stats, x, self.pos_embed.weight, self.pos_embed.bias)
+        # Local MHRA: x = x + DropPath(conv2(dwconv5x5x5(conv1(norm1(x))))), the tail one fused op
+        # that takes the stochastic-depth scale and emits norm2's statistics.
+        u = _bn_pointwise(self.norm1, self.conv1, x, stats)
+        scale = drop_path_scale(u, self.drop_path.p, self.training)
+        x, stats = _op_then_bn(self.norm2, ops.local_mhra_tail, ops.local_mhra_tail_bn_stats, u, self.attn.weight,
+                               self.attn.bias, self.conv2.weight, self.conv2.bias, x, branch_scale=scale)
+        # MLP: x = x + DropPath(fc2(GELU(fc1(norm2(x))))).
+        h = self.mlp.drop(_bn_pointwise(self.norm2, self.mlp.fc1, x, stats, activation="gelu"))
+        return x + self.drop_path(self.mlp.drop(_pointwise(self.mlp.fc2, h)))
 
 
 class SABlock(nn.Module):
@@ -261,7 +243,7 @@ class SplitSABlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x):
-        x = _dpe(self.pos_embed, x)
+        x = _dpe_op(x, self.pos_embed.weight, self.pos_embed.bias)
         B, C, T, H, W = x.shape
         tokens = x.permute(0, 2, 3, 4, 1)  # (B, T, H, W, C)
         t = tokens.permute(0, 2, 3, 1, 4).reshape(B * H * W, T, C)
@@ -288,12 +270,10 @@ class PatchEmbed(nn.Module):
 
 def _fold_bn_into_pointwise(bn: nn.BatchNorm3d, conv: nn.Conv3d) -> None:
     """Make ``conv(x)`` compute what ``conv(bn(x))`` did with ``bn`` in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
-    w = conv.weight.flatten(1)  # (out, in)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(w[:, 0])
-    conv.bias = nn.Parameter(bias + w @ shift)
-    conv.weight.copy_((w * scale).view_as(conv.weight))
+    w, b = ops.fold_into_pointwise(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias,
+                                   conv.weight.flatten(1), conv.bias)
+    conv.weight.copy_(w.view_as(conv.weight))
+    conv.bias = nn.Parameter(b.to(conv.weight.dtype))
 
 
 def _is_int(v) -> bool:

@@ -4,21 +4,22 @@ Backends are chosen in :mod:`uniformer_fast.ops.backend`; ``"reference"`` (plain
 ground truth for all others.
 """
 from .attention import attention
-from .backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
+from .backend import (BACKENDS, BackendUnavailableError, available_backends, backend_for, get_backend,
                       set_backend, use_backend)
 from .dpe import dpe_layernorm
-from .dpe_bn import dpe_bn_stats, dpe_bn_stats_backend
+from .batchnorm import batch_stats, fold_into_pointwise, update_running_stats
+from .dpe_bn import dpe_bn_stats
 from .dwconv3d import dwconv3d
 from .linear import linear
-from .local_mhra import local_mhra_tail, local_mhra_tail_bn_stats, local_mhra_tail_bn_stats_backend
+from .local_mhra import local_mhra_tail, local_mhra_tail_bn_stats
 from .reference import (attention_reference, dpe_layernorm_reference, dwconv3d_reference,
                         linear_reference)
 from .reference import local_mhra_tail_reference
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "attention", "attention_reference", "available_backends",
+    "BACKENDS", "BackendUnavailableError", "attention", "attention_reference", "available_backends", "backend_for",
     "dpe_layernorm", "dpe_layernorm_reference", "dwconv3d", "dwconv3d_reference", "get_backend",
     "linear", "linear_reference", "set_backend",
-    "use_backend", "local_mhra_tail", "local_mhra_tail_reference", "dpe_bn_stats", "dpe_bn_stats_backend",
-    "local_mhra_tail_bn_stats", "local_mhra_tail_bn_stats_backend",
+    "use_backend", "local_mhra_tail", "local_mhra_tail_reference", "dpe_bn_stats",
+    "local_mhra_tail_bn_stats", "batch_stats", "fold_into_pointwise", "update_running_stats",
 ]

@@ -11,9 +11,6 @@ from . import backend as _backend
 from ._validate import check_tensor
 from .reference import attention_reference
 
-_backend.define_op("attention", auto={"cuda": ("triton", "sdpa", "reference"),
-                                      "cpu": ("sdpa", "reference")})
-_backend.register("attention", "reference")(attention_reference)
 
 
 def _validate(qkv, num_heads, scale, dropout_p):
@@ -47,13 +44,19 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = Non
         (B, N, C), heads concatenated, ready for the output projection. Under autocast, in the
         autocast dtype (softmax statistics stay float32).
     """
+    return _backend.dispatch("attention", backend, qkv, num_heads, scale, dropout_p)
+
+
+def _prepare(qkv, num_heads, scale, dropout_p):
     (qkv,) = _backend.autocast_inputs(qkv)
     _validate(qkv, num_heads, scale, dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    dropout_p = float(dropout_p)
-    _, fn = _backend.resolve("attention", backend, qkv.device, qkv, num_heads, scale, dropout_p)
-    return fn(qkv, num_heads, scale, dropout_p)
+    return qkv, num_heads, head_dim ** -0.5 if scale is None else float(scale), float(dropout_p)
+
+
+_backend.define_op("attention", auto={"cuda": ("triton", "sdpa", "reference"), "cpu": ("sdpa", "reference")},
+                   prepare=_prepare)
+_backend.register("attention", "reference")(attention_reference)
 
 
 # --- "sdpa": torch.nn.functional.scaled_dot_product_attention (CPU and CUDA) -------------------

@@ -1,7 +1,9 @@
 """The one place that decides which implementation of an op runs.
 
-Every op (``dwconv3d``, ``attention``) registers its implementations here under a backend name.
-A call resolves its backend in this order: the ``backend=`` argument, then the innermost
+Every op (``dwconv3d``, ``attention``) is defined here with a ``prepare`` function (autocast and
+validation: what the public function does before any backend runs) and registers its
+implementations under a backend name. A public op is :func:`dispatch`; :func:`backend_for` asks,
+for the same arguments, which backend a call would take. A call resolves its backend in this order: the ``backend=`` argument, then the innermost
 ``use_backend`` context, then the process default set by ``set_backend`` (``"auto"`` unless
 changed). ``"auto"`` walks the op's preference list for the tensors' device type and takes the
 first implementation that can run them. A backend asked for by name either runs or raises
@@ -35,6 +37,9 @@ class _Op:
     name: str
     auto: dict  # device type -> tuple of backend names, most preferred first
     impls: dict  # backend name -> _Impl
+    # The public function's arguments -> the implementations' positional arguments (autocast,
+    # validated, defaults filled in); the first is a tensor on the call's device.
+    prepare: Callable[..., tuple]
 
 
 _OPS: dict[str, _Op] = {}
@@ -54,12 +59,35 @@ def _check_name(name, argname="backend"):
     return name
 
 
-def define_op(name: str, *, auto: dict) -> None:
-    """Declare an op and its ``"auto"`` preference per device type (``"cuda"``, ``"cpu"``, ...)."""
+def define_op(name: str, *, auto: dict, prepare: Callable[..., tuple]) -> None:
+    """Declare an op, its ``"auto"`` preference per device type (``"cuda"``, ``"cpu"``, ...) and its
+    ``prepare(*args, **kwargs)``: the public call's arguments (without ``backend``) -> the tuple
+    of positional arguments every implementation and ``why_not`` takes, after autocast and
+    validation (raising ValueError/TypeError for bad input)."""
     for order in auto.values():
         for backend in order:
             _check_name(backend)
-    _OPS[name] = _Op(name, {k: tuple(v) for k, v in auto.items()}, {})
+    _OPS[name] = _Op(name, {k: tuple(v) for k, v in auto.items()}, {}, prepare)
+
+
+def dispatch(op: str, backend: Optional[str], *args, **kwargs):
+    """Run ``op`` on these public arguments: prepare them, resolve the backend, call it."""
+    impl_args = _OPS[op].prepare(*args, **kwargs)
+    return resolve(op, backend, impl_args[0].device, *impl_args)[1](*impl_args)
+
+
+def backend_for(op, *args, backend: Optional[str] = None, **kwargs) -> str:
+    """The backend a call of ``op`` (its name, or the public function) with these arguments would
+    run on, raising as the call would (bad input, a named backend that cannot run it); nothing runs.
+
+    Example: ``ops.backend_for(ops.dpe_bn_stats, x, w, b) != "reference"`` when a fused kernel would
+    compute the statistics.
+    """
+    name = getattr(op, "__name__", op)
+    if name not in _OPS:
+        raise ValueError(f"op must be one of {', '.join(map(repr, _OPS))} or its function; got {op!r}")
+    impl_args = _OPS[name].prepare(*args, **kwargs)
+    return resolve(name, backend, impl_args[0].device, *impl_args)[0]
 
 
 def register(op: str, backend: str, why_not: Optional[Callable[..., Optional[str]]] = None):

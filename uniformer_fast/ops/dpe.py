@@ -19,7 +19,6 @@ from ._validate import check_like, check_tensor
 from .dwconv3d import (_channels_last, _empty_channels_last, _validate as _validate_dwconv3d,
                        _weight_taps, dwconv3d, dwconv3d_triton_backward)
 
-_backend.define_op("dpe_layernorm", auto={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
 def _validate(x, weight, bias, ln_weight, ln_bias, eps):
@@ -52,10 +51,17 @@ def dpe_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         dense ``channels_last_3d``, so ``z.flatten(2).transpose(1, 2)`` is a contiguous (B, N, C)
         token view. Under autocast, in the autocast dtype.
     """
+    return _backend.dispatch("dpe_layernorm", backend, x, weight, bias, ln_weight, ln_bias, eps)
+
+
+def _prepare(x, weight, bias, ln_weight, ln_bias, eps):
     x, weight, bias, ln_weight, ln_bias = _backend.autocast_inputs(x, weight, bias, ln_weight, ln_bias)
     _validate(x, weight, bias, ln_weight, ln_bias, eps)
-    _, fn = _backend.resolve("dpe_layernorm", backend, x.device, x, weight, bias, ln_weight, ln_bias, eps)
-    return fn(x, weight, bias, ln_weight, ln_bias, float(eps))
+    return x, weight, bias, ln_weight, ln_bias, float(eps)
+
+
+_backend.define_op("dpe_layernorm", auto={"cuda": ("triton", "reference"), "cpu": ("reference",)},
+                   prepare=_prepare)
 
 
 # --- "reference": the unfused composition through the public ops --------------------------------

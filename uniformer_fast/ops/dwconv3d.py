@@ -10,8 +10,6 @@ from . import backend as _backend
 from ._validate import check_like, check_tensor
 from .reference import dwconv3d_reference
 
-_backend.define_op("dwconv3d", auto={"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")})
-_backend.register("dwconv3d", "reference")(dwconv3d_reference)
 
 MAX_KERNEL = 7
 
@@ -52,10 +50,18 @@ def dwconv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     Returns:
         ``conv(x) + bias (+ x)``, shape (B, C, T, H, W). Under autocast, in the autocast dtype.
     """
+    return _backend.dispatch("dwconv3d", backend, x, weight, bias, residual)
+
+
+def _prepare(x, weight, bias, residual):
     x, weight, bias = _backend.autocast_inputs(x, weight, bias)
     _validate(x, weight, bias, residual)
-    _, fn = _backend.resolve("dwconv3d", backend, x.device, x, weight, bias, residual)
-    return fn(x, weight, bias, residual)
+    return x, weight, bias, residual
+
+
+_backend.define_op("dwconv3d", auto={"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")},
+                   prepare=_prepare)
+_backend.register("dwconv3d", "reference")(dwconv3d_reference)
 
 
 # --- "cpp": the C++ CPU kernels (csrc/, built into uniformer_fast._C by `pip install .`) ---------

@@ -27,8 +27,6 @@ from .reference import linear_reference
 
 ACTIVATIONS = (None, "gelu")
 
-_backend.define_op("linear", auto={"cpu": ("cpp", "reference"), "cuda": ("reference",)})
-_backend.register("linear", "reference")(linear_reference)
 
 
 def _validate(x, weight, bias, activation):
@@ -65,10 +63,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     Returns:
         (..., out_features). Under autocast, in the autocast dtype.
     """
+    return _backend.dispatch("linear", backend, x, weight, bias, activation)
+
+
+def _prepare(x, weight, bias, activation):
     x, weight, bias = _backend.autocast_inputs(x, weight, bias)
     _validate(x, weight, bias, activation)
-    _, fn = _backend.resolve("linear", backend, x.device, x, weight, bias, activation)
-    return fn(x, weight, bias, activation)
+    return x, weight, bias, activation
+
+
+_backend.define_op("linear", auto={"cpu": ("cpp", "reference"), "cuda": ("reference",)}, prepare=_prepare)
+_backend.register("linear", "reference")(linear_reference)
 
 
 # --- "cpp": oneDNN's fused matmul + bias + GELU (inference, float32, CPU) --------------------------

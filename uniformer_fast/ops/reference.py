@@ -49,14 +49,18 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def local_mhra_tail_reference(u: torch.Tensor, attn_weight: torch.Tensor, attn_bias: Optional[torch.Tensor],
                               conv2_weight: torch.Tensor, conv2_bias: Optional[torch.Tensor],
-                              residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """The tail of a Local MHRA: ``residual + conv2(dwconv(u) + attn_bias)``.
+                              residual: Optional[torch.Tensor],
+                              branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The tail of a Local MHRA: ``residual + branch_scale * conv2(dwconv(u) + attn_bias)``.
 
     u, residual: (B, C, T, H, W); attn_weight: (C, 1, kt, kh, kw), odd sizes; conv2_weight:
-    (C, C, 1, 1, 1), the 1x1x1 projection; biases (C,) or None; residual None adds nothing.
+    (C, C, 1, 1, 1), the 1x1x1 projection; biases (C,) or None; residual None adds nothing;
+    branch_scale (B,), each sample's stochastic-depth scale (as DropPath multiplies), or None.
     """
     a = dwconv3d_reference(u, attn_weight, attn_bias)
     y = F.conv3d(a, conv2_weight, conv2_bias)
+    if branch_scale is not None:
+        y = y * branch_scale.view(-1, 1, 1, 1, 1)
     return y if residual is None else residual + y
 
 

@@ -1,19 +1,18 @@
-"""The CBlock's DPE with its BatchNorm statistics epilogue (training mode): one Triton kernel writes
-the residual stream and per-tile partial statistics; a small merge kernel turns them into the
-per-channel batch mean and biased variance.
+"""BatchNorm batch statistics from a kernel's registers: the one mechanism every fused forward that
+feeds a training BatchNorm uses (kernels/dwconv3d.py's forward for the CBlock's DPE,
+kernels/local_mhra.py's tail), with its merge and its backward.
 
-``y = x + dwconv(x) + bias`` (the dynamic position embedding, depthwise, stride 1, zero "same"
-padding), and ``mean[c]``, ``var[c]`` of y over (B, T, H, W), float32.
+A forward kernel with ``STATS`` calls :func:`store_bn_partials` once its tile of y sits in registers;
+:func:`merge_tile_partials` turns the partials into the per-channel batch mean and biased variance of y
+over (B, T, H, W), float32; :func:`bn_stats_bwd` adds the statistics' gradients to y's own.
 
 Statistics scheme (numerically sound for any mean, no atomics, deterministic):
 
-1. :func:`dpe_bn_stats_fwd_kernel`: a program owns BLOCK_P positions of one batch element x
-   BLOCK_C channels (the grid and blocks of :mod:`.dwconv3d`'s forward). Once its tile of y sits
-   in registers it writes, per channel, the tile's float32 mean ``hi``, the sum of ``y - hi``
-   (what rounding ``hi`` lost: the exact tile mean is ``hi + sdev / n``) and ``M2`` about
-   ``hi``, ``sum (y - hi)^2`` (two passes over the registers, never ``sum y^2 - n mean^2``, which
-   cancels catastrophically in float32 when |mean| >> std). The tile's count is implied by its
-   place in the grid.
+1. :func:`store_bn_partials`: a program owns BLOCK_P positions of one batch element x some channels.
+   Per channel it writes the tile's float32 mean ``hi``, the sum of ``y - hi`` (what rounding ``hi``
+   lost: the exact tile mean is ``hi + sdev / n``) and ``M2`` about ``hi``, ``sum (y - hi)^2`` (two
+   passes over the registers, never ``sum y^2 - n mean^2``, which cancels catastrophically in
+   float32 when |mean| >> std). The tile's count is implied by its place in the grid.
 2. :func:`bn_partials_merge_kernel`: merges rows of ``(count, mean, M2)`` in a fixed order, with
    means held as deviations from a shift ``K`` (the first tile's mean: near the data, known to
    every program), so float32 partial means keep the precision of the spread rather than of
@@ -23,20 +22,15 @@ Statistics scheme (numerically sound for any mean, no atomics, deterministic):
    program per channel block), which writes ``mean = K + mean(y - K)`` and ``var = M2 / N``.
 
 The statistics are those of y as stored (rounded to the output dtype), as the unfused
-``batch_norm(dwconv(x))`` sees it, so the backward's ``y - mean`` uses the same values.
+``batch_norm(y)`` sees it, so the backward's ``y - mean`` uses the same values.
 
 Backward: :func:`bn_stats_bwd_kernel` adds the statistics' gradients to y's own,
-``dy_total = dy + g_mean / N + 2 g_var (y - mean) / N`` (one read of y and dy, one write); then
-:mod:`.dwconv3d`'s kernels run on ``dy_total``.
+``dy_total = dy + g_mean / N + 2 g_var (y - mean) / N`` (one read of y and dy, one write); the
+forward op's own backward then runs on ``dy_total``.
 
-Layouts (channels-last inside):
-
-- ``x``: (B, T, H, W, C) read through its strides with unit channel stride.
-- ``weight_taps``: (KT * KH * KW, C) contiguous, tap-major, as in :mod:`.dwconv3d`.
-- ``y``: (B, T, H, W, C) contiguous (dense ``channels_last_3d``), written here.
-- tile partials: ``hi``, ``sdev``, ``M2`` (G, C) float32 with ``G = B * tiles_per_batch``, row
-  ``b * tiles_per_batch + tile``; merged groups: ``count`` (S,), ``mean - K`` and ``M2`` (S, C)
-  float32.
+Layouts: tile partials ``hi``, ``sdev``, ``M2`` (G, C) float32 with ``G = B * tiles_per_batch``, row
+``b * tiles_per_batch + tile``; merged groups: ``count`` (S,), ``mean - K`` and ``M2`` (S, C)
+float32; y and dy (B, T, H, W, C) channels-last.
 """
 from __future__ import annotations
 
@@ -45,9 +39,6 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, check_channel_stride, dense
-# SUPPORTED_DTYPES and why_not_shape are the forward's (its grid and blocks are dwconv3d's):
-# re-exported for ops/dpe_bn.py.
-from .dwconv3d import SUPPORTED_DTYPES, conv_tile, fwd_config, why_not_shape  # noqa: F401
 
 # Merge kernel: chunks of BLOCK_G rows x BLOCK_C channels (2048 float32 elements per array: 16
 # registers per thread at 4 warps), ROWS_PER_GROUP rows per first-level program: stage 1 of
@@ -100,37 +91,6 @@ def store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_p
     tl.store(phi_ptr + row + c, hi, mask=c_mask)
     tl.store(psdev_ptr + row + c, tl.sum(dev, axis=0), mask=c_mask)
     tl.store(pm2_ptr + row + c, tl.sum(dev * dev, axis=0), mask=c_mask)
-
-
-@triton.jit
-def dpe_bn_stats_fwd_kernel(
-    x_ptr,  # (B, T, H, W, C) strided, unit channel stride
-    w_ptr,  # (KT * KH * KW, C) contiguous
-    b_ptr,  # (C,) or a dummy when HAS_BIAS is False
-    y_ptr,  # (B, T, H, W, C) contiguous: x + dwconv(x) + bias
-    phi_ptr,  # (B * tiles_per_batch, C) float32: each tile's per-channel mean of y, rounded: hi
-    psdev_ptr,  # (B * tiles_per_batch, C) float32: each tile's sum of (y - hi)
-    pm2_ptr,  # (B * tiles_per_batch, C) float32: each tile's sum of (y - hi)^2
-    C, T, H, W,
-    stride_xb, stride_xt, stride_xh, stride_xw,
-    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    acc, p, p_mask, t, h, w = conv_tile(x_ptr, w_ptr, b_ptr, pid_p, pid_b, c, c_mask, C, T, H, W,
-                                        stride_xb, stride_xt, stride_xh, stride_xw,
-                                        KT, KH, KW, HAS_BIAS, True, BLOCK_P, BLOCK_C)
-    mask = p_mask[:, None] & c_mask[None, :]
-    THW = T * H * W
-    y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + ((pid_b * THW + p) * C)[:, None] + c[None, :], y, mask=mask)
-
-    store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_ptr, pm2_ptr, BLOCK_P)
 
 
 @triton.jit
@@ -273,43 +233,21 @@ def _merge(phi, count, mean, sdev, m2, C, G, THW, tiles_per_batch, tile_p, final
     return out_count, out_mean, out_m2
 
 
-def dpe_bn_stats_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, kernel_size: tuple):
-    """``y = x + conv(x) (+ bias)`` and the per-channel batch mean and biased variance of y.
+class TilePartials:
+    """The partial statistics a forward with ``STATS`` writes: ``phi``, ``psdev``, ``pm2``, each
+    (B * tiles_per_batch, C) float32, for B batch elements of THW positions in tiles of ``tile_p``
+    (the forward's BLOCK_P). Pass the three to the kernel, then :meth:`merge`."""
 
-    Args:
-        x: (B, C, T, H, W) with unit channel stride (``channels_last_3d`` or a B/T/H/W slice of
-            it); other strides are read as they are.
-        weight_taps: (KT * KH * KW, C), tap-major.
-        bias: (C,) or None.
-        kernel_size: (KT, KH, KW), odd, each <= 7.
+    def __init__(self, B: int, C: int, THW: int, tile_p: int, device):
+        self.THW, self.tile_p = THW, tile_p
+        self.tiles_per_batch = triton.cdiv(THW, tile_p)
+        self.phi = torch.empty((B * self.tiles_per_batch, C), dtype=torch.float32, device=device)
+        self.psdev = torch.empty_like(self.phi)
+        self.pm2 = torch.empty_like(self.phi)
 
-    Returns:
-        ``(y, mean, var)``: y (B, C, T, H, W) in dense ``channels_last_3d`` memory, x's dtype;
-        mean and var (C,) float32 over (B, T, H, W), var biased (divided by N = B*T*H*W).
-        Deterministic: fixed-order merges, no atomics.
-    """
-    check_channel_stride("x", x)
-    B, C, T, H, W = x.shape
-    KT, KH, KW = kernel_size
-    assert weight_taps.shape == (KT * KH * KW, C)
-    weight_taps, bias = dense(weight_taps), dense(bias)
-    THW = T * H * W
-    y = torch.empty((B, T, H, W, C), dtype=x.dtype, device=x.device)
-    cfg = fwd_config(C, kernel_size)
-    tiles_per_batch = triton.cdiv(THW, cfg["BLOCK_P"])
-    G = B * tiles_per_batch
-    phi = torch.empty((G, C), dtype=torch.float32, device=x.device)
-    psdev = torch.empty_like(phi)
-    pm2 = torch.empty_like(phi)
-    sb, _, st, sh, sw = x.stride()
-    dpe_bn_stats_fwd_kernel[(tiles_per_batch, triton.cdiv(C, cfg["BLOCK_C"]), B)](
-        x, weight_taps, bias if bias is not None else weight_taps, y, phi, psdev, pm2,
-        C, T, H, W, sb, st, sh, sw,
-        KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None,
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-    )
-    mean, var = merge_tile_partials(phi, psdev, pm2, THW, tiles_per_batch, cfg["BLOCK_P"])
-    return y.permute(0, 4, 1, 2, 3), mean, var
+    def merge(self):
+        """``(mean, var)`` (C,) float32 over the B * THW positions: :func:`merge_tile_partials`."""
+        return merge_tile_partials(self.phi, self.psdev, self.pm2, self.THW, self.tiles_per_batch, self.tile_p)
 
 
 def merge_tile_partials(phi: torch.Tensor, psdev: torch.Tensor, pm2: torch.Tensor, THW: int,
@@ -319,8 +257,7 @@ def merge_tile_partials(phi: torch.Tensor, psdev: torch.Tensor, pm2: torch.Tenso
     Args:
         phi, psdev, pm2: (G, C) float32 contiguous, ``G = B * tiles_per_batch``: row
             ``b * tiles_per_batch + tile`` holds the tile's mean ``hi`` of y, its sum of
-            ``y - hi`` and its ``sum (y - hi)^2`` (:func:`dpe_bn_stats_fwd_kernel`'s epilogue;
-            kernels/local_mhra.py's tail kernel writes the same).
+            ``y - hi`` and its ``sum (y - hi)^2``, as :func:`store_bn_partials` writes them.
         THW: positions per batch element; tile_p: positions per tile (the forward's BLOCK_P),
             the last tile of each batch element holding the rest.
 
