@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, dense, unit_stride
+from ._tiles import block_c
 
 SUPPORTED_HEAD_DIMS = (28, 32, 64)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 # Block sizes and launch parameters per matmul kind; "short" serves sequences of <= 32 tokens
@@ -103,7 +103,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def head_dim_pad(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    """The head dimension as held in registers: a power of two >= 16 (28 -> 32)."""
+    return block_c(head_dim)
 
 
 def gpu_config(which: str, kind: str, length: str, head_dim: int) -> dict:

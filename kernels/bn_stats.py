@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, check_channel_stride, dense
+from ._tiles import is_given, split_token, strided_offset
 
 # Merge kernel: chunks of BLOCK_G rows x BLOCK_C channels (2048 float32 elements per array: 16
 # registers per thread at 4 warps), ROWS_PER_GROUP rows per first-level program: stage 1 of
@@ -93,19 +94,21 @@ def store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_p
     tl.store(pm2_ptr + row + c, tl.sum(dev * dev, axis=0), mask=c_mask)
 
 
+@triton.heuristics({"FROM_TILES": lambda args: args["count_ptr"] is None})
 @triton.jit
 def bn_partials_merge_kernel(
     shift_ptr,  # (G0, C) float32: the forward's tile means hi; row 0 is the shift K of every level
-    count_ptr,  # (G,) float32: positions behind each row (unused when FROM_TILES)
+    count_ptr,  # (G,) float32: positions behind each row; None when the rows are the forward's tiles
     mean_ptr,  # (G, C) float32: FROM_TILES: the tiles' hi; else the groups' means of y - K
-    sdev_ptr,  # (G, C) float32: FROM_TILES: the tiles' sums of (y - hi); else unused
+    sdev_ptr,  # (G, C) float32: FROM_TILES: the tiles' sums of (y - hi); else None
     m2_ptr,  # (G, C) float32: FROM_TILES: the tiles' sums of (y - hi)^2; else the groups' M2
-    out_count_ptr,  # (S,) float32 (unused when FINAL)
+    out_count_ptr,  # (S,) float32, or None when FINAL
     out_mean_ptr,  # (S, C) float32: the groups' means of y - K; when FINAL, (C,) the mean of y
     out_m2_ptr,  # (S, C) float32: the groups' M2; when FINAL, (C,) the biased variance M2 / N
     C, G, rows_per_prog, THW, tiles_per_batch,
     TILE_P: tl.constexpr,  # the forward's BLOCK_P: rows' counts when FROM_TILES
-    FROM_TILES: tl.constexpr, FINAL: tl.constexpr,
+    FROM_TILES: tl.constexpr,  # count_ptr is None: the rows are the forward's tile partials
+    FINAL: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -171,10 +174,11 @@ def bn_partials_merge_kernel(
         tl.store(out_count_ptr + pid_s + c * 0, run_n, mask=c == 0)
 
 
+@triton.heuristics({"HAS_DY": is_given("dy_ptr")})
 @triton.jit
 def bn_stats_bwd_kernel(
     y_ptr,  # (B, T, H, W, C) contiguous: the forward's y
-    dy_ptr,  # (B, T, H, W, C) strided, unit channel stride: y's gradient (a dummy if not HAS_DY)
+    dy_ptr,  # (B, T, H, W, C) strided, unit channel stride: y's gradient, or None
     mean_ptr,  # (C,) float32: the batch mean
     k_mean_ptr,  # (C,) float32: g_mean / N
     k_var_ptr,  # (C,) float32: 2 g_var / N
@@ -186,8 +190,6 @@ def bn_stats_bwd_kernel(
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
-    HW = H * W
-    THW = T * HW
     tok = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = tok < num_tokens
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -200,12 +202,8 @@ def bn_stats_bwd_kernel(
     yv = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
     d = k_mean[None, :] + k_var[None, :] * (yv - mean[None, :])
     if HAS_DY:
-        b = tok // THW
-        p = tok % THW
-        t = p // HW
-        h = (p // W) % H
-        w = p % W
-        dy_off = b * stride_dyb + t * stride_dyt + h * stride_dyh + w * stride_dyw
+        b, t, h, w = split_token(tok, T, H, W)
+        dy_off = strided_offset(b, t, h, w, stride_dyb, stride_dyt, stride_dyh, stride_dyw)
         d += tl.load(dy_ptr + dy_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(dyt_ptr + off, d.to(dyt_ptr.dtype.element_ty), mask=mask)
 
@@ -220,12 +218,11 @@ def _merge(phi, count, mean, sdev, m2, C, G, THW, tiles_per_batch, tile_p, final
     S = triton.cdiv(G, rows)
     out_mean = torch.empty((S, C), dtype=torch.float32, device=device)
     out_m2 = torch.empty_like(out_mean)
-    out_count = torch.empty(S, dtype=torch.float32, device=device) if not final else out_mean
+    out_count = torch.empty(S, dtype=torch.float32, device=device) if not final else None
     bn_partials_merge_kernel[(S, triton.cdiv(C, cfg["BLOCK_C"]))](
-        phi, count if count is not None else phi, mean, sdev if sdev is not None else phi, m2,
-        out_count, out_mean, out_m2,
+        phi, count, mean, sdev, m2, out_count, out_mean, out_m2,
         C, G, rows, THW, tiles_per_batch,
-        TILE_P=tile_p, FROM_TILES=count is None, FINAL=final,
+        TILE_P=tile_p, FINAL=final,
         BLOCK_G=cfg["BLOCK_G"], BLOCK_C=cfg["BLOCK_C"], num_warps=1 if INTERPRET else MERGE_NUM_WARPS,
     )
     if final:
@@ -297,9 +294,8 @@ def bn_stats_bwd(y: torch.Tensor, grad_y, mean: torch.Tensor, k_mean: torch.Tens
     cfg = bwd_config()
     dyt = torch.empty((B, T, H, W, C), dtype=y.dtype, device=y.device)
     bn_stats_bwd_kernel[(triton.cdiv(num_tokens, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"]))](
-        y, grad_y if grad_y is not None else y, mean, k_mean, k_var, dyt,
+        y, grad_y, mean, k_mean, k_var, dyt,
         C, T, H, W, num_tokens, *sdy,
-        HAS_DY=grad_y is not None,
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
     )
     return dyt.permute(0, 4, 1, 2, 3)

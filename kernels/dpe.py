@@ -36,15 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, check_channel_stride, dense
+from . import INTERPRET, _tiles, check_channel_stride, dense
+from ._tiles import block_c, is_given, num_sms, split_token, strided_offset
 from .dwconv3d import conv_tile
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KERNEL = 7
 # One program holds all channels of its positions; the block configs are compiled (without
 # spills, tests/test_dpe.py) up to 1024 channels. Wider C is refused (why_not_shape), so "auto"
 # takes the reference.
 MAX_CHANNELS = 1024
+why_not_shape = functools.partial(_tiles.why_not_shape, max_channels=MAX_CHANNELS)
 # BLOCK_P * BLOCK_C elements per program: 4096, i.e. 16 float32 accumulator registers per thread
 # at 8 warps (the dwconv3d forward's budget), at most 64 positions for narrow channel blocks.
 TILE_ELEMENTS = 4096
@@ -72,11 +72,6 @@ BWD_TILE_ELEMENTS = 2048
 INTERPRET_BWD_TILES_PER_PROG = 2
 
 
-def block_c(C: int) -> int:
-    """The channel block: the next power of two >= C (at least 16, the 16-byte load width)."""
-    return max(16, triton.next_power_of_2(C))
-
-
 def fwd_config(C: int, kernel_size: tuple, dtype: torch.dtype) -> dict:
     """BLOCK_P, BLOCK_C and num_warps of :func:`dpe_layernorm_fwd_kernel` for C channels of dtype."""
     bc = block_c(C)
@@ -96,28 +91,12 @@ def bwd_ln_config(C: int) -> dict:
     return dict(BLOCK_P=min(MAX_BLOCK_P, BWD_TILE_ELEMENTS // bc), BLOCK_C=bc, num_warps=NUM_WARPS)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def why_not_shape(shape) -> "str | None":
-    """None if the kernel can run x of this (B, C, T, H, W) shape, else why not."""
-    B, C, T, H, W = shape
-    if C > MAX_CHANNELS:
-        return f"C must be at most {MAX_CHANNELS} (one program holds all channels); got {C}"
-    if T * H * W >= 2 ** 31:
-        return f"T * H * W must be below 2**31; got {T * H * W}"
-    if B > 65535:
-        return f"the batch must be at most 65535; got {B}"
-    return None
-
-
+@triton.heuristics({"HAS_BIAS": is_given("b_ptr")})
 @triton.jit
 def dpe_layernorm_fwd_kernel(
     x_ptr,  # (B, T, H, W, C) strided, unit channel stride
     w_ptr,  # (KT * KH * KW, C) contiguous
-    b_ptr,  # (C,) or a dummy when HAS_BIAS is False
+    b_ptr,  # (C,) or None
     lnw_ptr,  # (C,)
     lnb_ptr,  # (C,)
     y_ptr,  # (B, T, H, W, C) contiguous: x + dwconv(x) + bias
@@ -159,11 +138,12 @@ def dpe_layernorm_fwd_kernel(
     tl.store(rstd_ptr + tok, rstd, mask=p_mask)
 
 
+@triton.heuristics({"HAS_DY": is_given("dy_ptr")})
 @triton.jit
 def dpe_layernorm_bwd_ln_kernel(
     y_ptr,  # (B, T, H, W, C) contiguous: the forward's y
     dz_ptr,  # (B, T, H, W, C) strided, unit channel stride: the gradient of z
-    dy_ptr,  # (B, T, H, W, C) strided, unit channel stride: y's gradient (a dummy if not HAS_DY)
+    dy_ptr,  # (B, T, H, W, C) strided, unit channel stride: y's gradient, or None
     lnw_ptr,  # (C,)
     mean_ptr,  # (B * T * H * W,) float32
     rstd_ptr,  # (B * T * H * W,) float32
@@ -177,8 +157,6 @@ def dpe_layernorm_bwd_ln_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
-    HW = H * W
-    THW = T * HW
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
     lnw = tl.load(lnw_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
@@ -189,23 +167,19 @@ def dpe_layernorm_bwd_ln_kernel(
         tok = (pid_g * tiles_per_prog + i).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = tok < num_tokens
         mask = p_mask[:, None] & c_mask[None, :]
-        b = tok // THW
-        p = tok % THW
-        t = p // HW
-        h = (p // W) % H
-        w = p % W
+        b, t, h, w = split_token(tok, T, H, W)
         mean = tl.load(mean_ptr + tok, mask=p_mask, other=0.0)
         rstd = tl.load(rstd_ptr + tok, mask=p_mask, other=0.0)
         yv = tl.load(y_ptr + (tok * C)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
         x_hat = tl.where(mask, (yv - mean[:, None]) * rstd[:, None], 0.0)
-        dz_off = b * stride_dzb + t * stride_dzt + h * stride_dzh + w * stride_dzw
+        dz_off = strided_offset(b, t, h, w, stride_dzb, stride_dzt, stride_dzh, stride_dzw)
         dz = tl.load(dz_ptr + dz_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
         g = dz * lnw[None, :]
         c1 = tl.sum(g * x_hat, axis=1) / C
         c2 = tl.sum(g, axis=1) / C
         d = rstd[:, None] * (g - c2[:, None] - x_hat * c1[:, None])
         if HAS_DY:
-            dy_off = b * stride_dyb + t * stride_dyt + h * stride_dyh + w * stride_dyw
+            dy_off = strided_offset(b, t, h, w, stride_dyb, stride_dyt, stride_dyh, stride_dyw)
             d += tl.load(dy_ptr + dy_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dyt_ptr + (tok * C)[:, None] + c[None, :], d.to(dyt_ptr.dtype.element_ty), mask=mask)
         acc_w += dz * x_hat
@@ -247,10 +221,10 @@ def dpe_layernorm_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, ln_weigh
     sb, _, st, sh, sw = x.stride()
     grid = (triton.cdiv(T * H * W, cfg["BLOCK_P"]), B)
     dpe_layernorm_fwd_kernel[grid](
-        x, weight_taps, bias if bias is not None else weight_taps, ln_weight, ln_bias,
+        x, weight_taps, bias, ln_weight, ln_bias,
         y, z, mean, rstd,
         C, T, H, W, sb, st, sh, sw, float(eps),
-        KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None,
+        KT=KT, KH=KH, KW=KW,
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
     )
     return y.permute(0, 4, 1, 2, 3), z.permute(0, 4, 1, 2, 3), mean, rstd
@@ -286,16 +260,15 @@ def dpe_layernorm_bwd_ln(y: torch.Tensor, grad_z: torch.Tensor, grad_y, ln_weigh
         tiles_per_prog = INTERPRET_BWD_TILES_PER_PROG
     else:
         # The grouping depends only on the shape and the GPU, so results are reproducible.
-        tiles_per_prog = triton.cdiv(num_tiles, BWD_PROGRAMS_PER_SM * _num_sms(y.device))
+        tiles_per_prog = triton.cdiv(num_tiles, BWD_PROGRAMS_PER_SM * num_sms(y.device))
     G = triton.cdiv(num_tiles, tiles_per_prog)
     dyt = torch.empty((B, T, H, W, C), dtype=y.dtype, device=y.device)
     dlnw_partial = torch.empty((G, C), dtype=torch.float32, device=y.device)
     dlnb_partial = torch.empty_like(dlnw_partial)
     dpe_layernorm_bwd_ln_kernel[(G,)](
-        y, grad_z, grad_y if grad_y is not None else grad_z, ln_weight, mean, rstd,
+        y, grad_z, grad_y, ln_weight, mean, rstd,
         dyt, dlnw_partial, dlnb_partial,
         C, T, H, W, num_tokens, tiles_per_prog, *sdz, *sdy,
-        HAS_DY=grad_y is not None,
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
     )
     return dyt.permute(0, 4, 1, 2, 3), dlnw_partial.sum(0), dlnb_partial.sum(0)

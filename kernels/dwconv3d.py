@@ -32,17 +32,14 @@ so tensors past 2**31 elements are addressed correctly.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET, check_channel_stride, dense
+# why_not_shape: the shape check the ops ask of this module (kernels/_tiles.py's why_not_inputs).
+from ._tiles import is_given, num_sms, split_position, strided_offset, why_not_shape  # noqa: F401
 from .bn_stats import TilePartials, store_bn_partials
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KERNEL = 7
 
 # Block sizes, keyed by the channel block: BLOCK_C channels of 16-bit data are 8 threads x 16
 # bytes (64 channels) or 4 threads x 16 bytes (32 channels); BLOCK_P * BLOCK_C = 4096 elements per
@@ -72,17 +69,6 @@ DW_PROGRAMS_PER_SM = 4
 # over G both run.
 INTERPRET_CONFIG = dict(BLOCK_P=64, BLOCK_C=16, num_warps=1)
 INTERPRET_DW_TILES_PER_PROG = 2
-
-
-def why_not_shape(shape) -> "str | None":
-    """None if the kernels can address x of this (B, C, T, H, W) shape, else why not: positions
-    within one batch element are int32, and the batch is grid axis 2 (at most 65535 programs)."""
-    B, _, T, H, W = shape
-    if T * H * W >= 2 ** 31:
-        return f"T * H * W must be below 2**31; got {T * H * W}"
-    if B > 65535:
-        return f"the batch must be at most 65535; got {B}"
-    return None
 
 
 def fwd_config(C: int, kernel_size: tuple) -> dict:
@@ -143,9 +129,7 @@ def conv_tile(x_ptr, w_ptr, b_ptr, pid_p, pid_b, c, c_mask, C, T, H, W,
     # Positions within one batch element fit in int32 (T*H*W < 2**31); offsets do not.
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < T * H * W
-    t = p // (H * W)
-    h = (p // W) % H
-    w = p % W
+    t, h, w = split_position(p, H, W)
     x_base = x_ptr + pid_b * stride_xb
     x_off = t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
     acc = depthwise_tile(x_base, x_off, w_ptr, t, h, w, p_mask, c, c_mask, C, T, H, W,
@@ -158,18 +142,19 @@ def conv_tile(x_ptr, w_ptr, b_ptr, pid_p, pid_b, c, c_mask, C, T, H, W,
     return acc, p, p_mask, t, h, w
 
 
+@triton.heuristics({"HAS_BIAS": is_given("b_ptr"), "STATS": is_given("phi_ptr")})
 @triton.jit
 def dwconv3d_fwd_kernel(
     x_ptr,  # (B, T, H, W, C) strided, unit channel stride
     w_ptr,  # (KT * KH * KW, C) contiguous
-    b_ptr,  # (C,) or a dummy when HAS_BIAS is False
+    b_ptr,  # (C,) or None
     y_ptr,  # (B, T, H, W, C) contiguous
-    phi_ptr, psdev_ptr, pm2_ptr,  # STATS: (B * tiles_per_batch, C) float32 partials (bn_stats.py); else dummies
+    phi_ptr, psdev_ptr, pm2_ptr,  # (B * tiles_per_batch, C) float32 partials (bn_stats.py), or None
     C, T, H, W,
     stride_xb, stride_xt, stride_xh, stride_xw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-    STATS: tl.constexpr,  # also write the BatchNorm partial statistics of the stored y
+    STATS: tl.constexpr,  # phi_ptr given: also write the BatchNorm partial statistics of the stored y
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -189,12 +174,13 @@ def dwconv3d_fwd_kernel(
         store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_ptr, pm2_ptr, BLOCK_P)
 
 
+@triton.heuristics({"HAS_BIAS": is_given("db_partial_ptr")})
 @triton.jit
 def dwconv3d_bwd_dw_kernel(
     x_ptr,  # (B, T, H, W, C) strided, unit channel stride
     dy_ptr,  # (B, T, H, W, C) strided, unit channel stride
     dw_partial_ptr,  # (G, KT * KH * KW, C) float32
-    db_partial_ptr,  # (G, C) float32, or a dummy when HAS_BIAS is False
+    db_partial_ptr,  # (G, C) float32, or None
     C, T, H, W,
     stride_xb, stride_xt, stride_xh, stride_xw,
     stride_dyb, stride_dyt, stride_dyh, stride_dyw,
@@ -205,8 +191,7 @@ def dwconv3d_bwd_dw_kernel(
 ):
     pid_g = tl.program_id(0)
     pid_c = tl.program_id(1)
-    HW = H * W
-    THW = T * HW
+    THW = T * H * W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     row = pid_g.to(tl.int64) * (KT * KH * KW) * C
@@ -225,18 +210,14 @@ def dwconv3d_bwd_dw_kernel(
             # A tile past the last one reads nothing (b would be out of range); the scalar
             # condition goes into the bound, not the vector mask (interpreter).
             p_mask = p < tl.where(tile < num_tiles, THW, 0)
-            t = p // HW
-            h = (p // W) % H
-            w = p % W
+            t, h, w = split_position(p, H, W)
             ti = t + dt
             hi = h + dh
             wi = w + dw
             m = p_mask & (ti >= 0) & (ti < T) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             m2 = m[:, None] & c_mask[None, :]
-            dy_off = (b * stride_dyb + t.to(tl.int64) * stride_dyt
-                      + h.to(tl.int64) * stride_dyh + w.to(tl.int64) * stride_dyw)
-            x_off = (b * stride_xb + ti.to(tl.int64) * stride_xt
-                     + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw)
+            dy_off = strided_offset(b, t, h, w, stride_dyb, stride_dyt, stride_dyh, stride_dyw)
+            x_off = strided_offset(b, ti, hi, wi, stride_xb, stride_xt, stride_xh, stride_xw)
             dyv = tl.load(dy_ptr + dy_off[:, None] + c[None, :], mask=m2, other=0.0).to(tl.float32)
             xv = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=m2, other=0.0).to(tl.float32)
             acc += dyv * xv
@@ -249,11 +230,8 @@ def dwconv3d_bwd_dw_kernel(
             b = (tile // tiles_per_batch).to(tl.int64)
             p = (tile % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
             p_mask = p < tl.where(tile < num_tiles, THW, 0)
-            t = p // HW
-            h = (p // W) % H
-            w = p % W
-            dy_off = (b * stride_dyb + t.to(tl.int64) * stride_dyt
-                      + h.to(tl.int64) * stride_dyh + w.to(tl.int64) * stride_dyw)
+            t, h, w = split_position(p, H, W)
+            dy_off = strided_offset(b, t, h, w, stride_dyb, stride_dyt, stride_dyh, stride_dyw)
             acc += tl.load(dy_ptr + dy_off[:, None] + c[None, :],
                            mask=p_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         tl.store(db_partial_ptr + pid_g.to(tl.int64) * C + c, tl.sum(acc, axis=0), mask=c_mask)
@@ -291,19 +269,14 @@ def dwconv3d_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias, residual: boo
     partials = TilePartials(B, C, T * H * W, BLOCK_P, x.device) if stats else None
     grid = (triton.cdiv(T * H * W, BLOCK_P), triton.cdiv(C, BLOCK_C), B)
     dwconv3d_fwd_kernel[grid](
-        x, weight_taps, bias if bias is not None else weight_taps, y,
-        *((partials.phi, partials.psdev, partials.pm2) if stats else (y, y, y)),
+        x, weight_taps, bias, y,
+        *((partials.phi, partials.psdev, partials.pm2) if stats else (None, None, None)),
         C, T, H, W, sb, st, sh, sw,
-        KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual, STATS=stats,
+        KT=KT, KH=KH, KW=KW, RESIDUAL=residual,
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
     )
     y = y.permute(0, 4, 1, 2, 3)
     return (y, *partials.merge()) if stats else y
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def dwconv3d_bwd_dw(x: torch.Tensor, dy: torch.Tensor, kernel_size: tuple, with_bias: bool):
@@ -331,18 +304,18 @@ def dwconv3d_bwd_dw(x: torch.Tensor, dy: torch.Tensor, kernel_size: tuple, with_
         tiles_per_prog = INTERPRET_DW_TILES_PER_PROG
     else:
         # The grouping depends only on the shape and the GPU, so results are reproducible.
-        groups = max(1, DW_PROGRAMS_PER_SM * _num_sms(x.device) // c_blocks)
+        groups = max(1, DW_PROGRAMS_PER_SM * num_sms(x.device) // c_blocks)
         tiles_per_prog = triton.cdiv(num_tiles, groups)
     G = triton.cdiv(num_tiles, tiles_per_prog)
     dw_partial = torch.empty((G, taps, C), dtype=torch.float32, device=x.device)
-    db_partial = torch.empty((G, C), dtype=torch.float32, device=x.device) if with_bias else dw_partial
+    db_partial = torch.empty((G, C), dtype=torch.float32, device=x.device) if with_bias else None
     sxb, _, sxt, sxh, sxw = x.stride()
     sdb, _, sdt, sdh, sdw = dy.stride()
     dwconv3d_bwd_dw_kernel[(G, c_blocks)](
         x, dy, dw_partial, db_partial,
         C, T, H, W, sxb, sxt, sxh, sxw, sdb, sdt, sdh, sdw,
         tiles_per_batch, num_tiles, tiles_per_prog,
-        KT=KT, KH=KH, KW=KW, HAS_BIAS=with_bias,
+        KT=KT, KH=KH, KW=KW,
         BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
     )
     # The second, small reduction: a fixed-order sum over the G groups.

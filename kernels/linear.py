@@ -39,9 +39,9 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, dense, unit_stride
+from ._tiles import is_given, num_sms
 from .attention import dot_precision, matmul_kind
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_bwd": 2}
 
 # Candidate tiles per matmul kind, tried by @triton.autotune on a GPU (keyed on M, N, K and the
@@ -142,20 +142,20 @@ def _mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def matmul_kernel(
+def _matmul_kernel(
     a_ptr,  # A (M, K): (m, k) at m * stride_a + k if A_K_CONTIG else at m + k * stride_a
     b_ptr,  # B (K, N): (k, n) at n * stride_b + k if B_K_CONTIG else at k * stride_b + n
-    bias_ptr,  # (N,): added to every row of C; read when HAS_BIAS
-    dy_ptr,  # (M, N): row stride stride_dy, column stride 1; the output gradient, read when ACT == 2
+    bias_ptr,  # (N,): added to every row of C, or None
+    dy_ptr,  # (M, N): row stride stride_dy, column stride 1; the output gradient when ACT == 2, else None
     c_ptr,  # (SPLIT, M, N): split stride stride_cs, row stride stride_cm, column stride 1
-    rowsum_ptr,  # (SPLIT, M): split stride M, unit stride; sum over k of A, written when ROWSUM
+    rowsum_ptr,  # (SPLIT, M): split stride M, unit stride; sum over k of A, written if given, or None
     M, N, K,
     k_per_split,  # reduction length of one split (a multiple of BLOCK_K unless SPLIT == 1)
     stride_a, stride_b, stride_dy, stride_cm, stride_cs,
     A_K_CONTIG: tl.constexpr, B_K_CONTIG: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # bias_ptr given
     ACT: tl.constexpr,  # 0: none; 1: GELU; 2: C = dy * gelu'(A @ B + bias) (GELU backward)
-    ROWSUM: tl.constexpr,
+    ROWSUM: tl.constexpr,  # rowsum_ptr given
     INT64: tl.constexpr,  # 64-bit offsets (an operand spans >= 2**31 elements)
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -270,8 +270,12 @@ def sum_splits_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# The flags follow from which optional pointers are None. The heuristics wrap the autotuner, so
+# the flags reach it as arguments and key its choice.
+_FLAGS = triton.heuristics({"HAS_BIAS": is_given("bias_ptr"), "ROWSUM": is_given("rowsum_ptr")})
 _TUNE_KEY = ["M", "N", "K", "A_K_CONTIG", "B_K_CONTIG", "HAS_BIAS", "ACT", "ROWSUM"]
-matmul_kernel_tuned = {kind: triton.autotune(configs=_triton_configs(kind), key=_TUNE_KEY)(matmul_kernel)
+matmul_kernel = _FLAGS(_matmul_kernel)
+matmul_kernel_tuned = {kind: _FLAGS(triton.autotune(configs=_triton_configs(kind), key=_TUNE_KEY)(_matmul_kernel))
                        for kind in GPU_CONFIGS}
 
 
@@ -299,11 +303,9 @@ def _launch(a, b, c, M, N, K, stride_a, stride_b, *, a_k_contig, b_k_contig, bia
     kind = matmul_kind(dtype)
     stride_cs = c.stride(0) if c.dim() == 3 else 0
     c_rows = c if c.dim() == 2 else c[0]
-    args = (a, b, bias if bias is not None else c, dy if dy is not None else c, c,
-            rowsum if rowsum is not None else c, M, N, K, K if k_per_split is None else k_per_split,
+    args = (a, b, bias, dy, c, rowsum, M, N, K, K if k_per_split is None else k_per_split,
             stride_a, stride_b, _row_stride(dy) if dy is not None else 0, _row_stride(c_rows), stride_cs)
-    flags = dict(A_K_CONTIG=a_k_contig, B_K_CONTIG=b_k_contig, HAS_BIAS=bias is not None, ACT=act,
-                 ROWSUM=rowsum is not None, INT64=int64, PRECISION=dot_precision(dtype), UPCAST=INTERPRET)
+    flags = dict(A_K_CONTIG=a_k_contig, B_K_CONTIG=b_k_contig, ACT=act, INT64=int64, PRECISION=dot_precision(dtype), UPCAST=INTERPRET)
     if config is None and INTERPRET:
         config = interpret_config(M, N, K)
     if config is not None:  # explicit tiles (interpreter, tests): no autotuning
@@ -339,7 +341,7 @@ def _split_count(rows: int, tiles: int, device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         target = INTERPRET_TARGET_PROGRAMS
     else:
-        target = TARGET_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        target = TARGET_PROGRAMS_PER_SM * num_sms(device)
     by_rows = max(1, rows // SPLIT_MIN_ROWS)
     return max(1, min(math.ceil(target / max(tiles, 1)), by_rows))
 

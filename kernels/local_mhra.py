@@ -36,20 +36,22 @@ dtype before the tensor-core matmul. Float32 inputs follow :func:`torch.get_floa
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, check_channel_stride, dense
+from . import INTERPRET, _tiles, check_channel_stride, dense
+from ._tiles import block_c, is_given, strided_offset
 from .bn_stats import TilePartials, store_bn_partials
 from .dwconv3d import conv_tile
 from .attention import dot_precision, matmul_kind
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KERNEL = 7
 # One program holds all channels; beyond 128 the (BLOCK_C x BLOCK_C) projection tile and the
 # float32 accumulator no longer fit a program (UniFormer's CBlocks have C = 64 and 128).
 MAX_CHANNELS = 128
+why_not_shape = functools.partial(_tiles.why_not_shape, max_channels=MAX_CHANNELS)
 
 # GPU launch configs per matmul kind (kernels/attention.py's matmul_kind), keyed by BLOCK_C. Picked
 # from ahead-of-time compiles (no GPU timing yet); each is compiled for sm_80 and sm_90 in
@@ -84,22 +86,6 @@ BLOCK_CS = (16, 32, 64, 128)
 INTERPRET_CONFIG = dict(BLOCK_P=32, num_warps=1)
 
 
-def block_c(C: int) -> int:
-    return max(16, triton.next_power_of_2(C))
-
-
-def why_not_shape(shape) -> "str | None":
-    """None if the kernel can run u of this (B, C, T, H, W) shape, else why not."""
-    B, C, T, H, W = shape
-    if C > MAX_CHANNELS:
-        return f"the fused kernel holds all channels of a tile: C must be at most {MAX_CHANNELS}; got {C}"
-    if T * H * W >= 2 ** 31:
-        return f"T * H * W must be below 2**31; got {T * H * W}"
-    if B > 65535:
-        return f"the batch must be at most 65535; got {B}"
-    return None
-
-
 def gpu_config(C: int, kind: str, stats: bool = False) -> dict:
     """The compiled-GPU BLOCK_P, BLOCK_C and num_warps; ``kind`` is a matmul_kind ("16bit",
     "tf32" or "ieee"); ``stats``: the STATS variant."""
@@ -118,26 +104,29 @@ def fwd_config(C: int, dtype: torch.dtype, stats: bool = False) -> dict:
     return cfg
 
 
+@triton.heuristics({"HAS_ATTN_BIAS": is_given("ab_ptr"), "HAS_CONV2_BIAS": is_given("b2_ptr"),
+                    "HAS_BRANCH_SCALE": is_given("bs_ptr"), "HAS_RESIDUAL": is_given("r_ptr"),
+                    "STATS": is_given("phi_ptr")})
 @triton.jit
 def local_mhra_tail_fwd_kernel(
     u_ptr,  # (B, T, H, W, C) strided, unit channel stride
     taps_ptr,  # (KT * KH * KW, C) contiguous
-    ab_ptr,  # (C,) depthwise bias, or a dummy when HAS_ATTN_BIAS is False
+    ab_ptr,  # (C,) depthwise bias, or None
     w2_ptr,  # (C, C) contiguous: conv2's weight transposed, (C_in, C_out)
-    b2_ptr,  # (C,) projection bias, or a dummy when HAS_CONV2_BIAS is False
-    bs_ptr,  # (B,) the branch's per-sample scale, or a dummy when HAS_BRANCH_SCALE is False
-    r_ptr,  # (B, T, H, W, C) strided, unit channel stride, or a dummy when HAS_RESIDUAL is False
+    b2_ptr,  # (C,) projection bias, or None
+    bs_ptr,  # (B,) the branch's per-sample scale, or None
+    r_ptr,  # (B, T, H, W, C) strided, unit channel stride, or None
     y_ptr,  # (B, T, H, W, C) contiguous
-    phi_ptr,  # STATS: (B * tiles_per_batch, C) float32, each tile's per-channel mean of y: hi; else a dummy
-    psdev_ptr,  # STATS: (B * tiles_per_batch, C) float32, each tile's sum of (y - hi); else a dummy
-    pm2_ptr,  # STATS: (B * tiles_per_batch, C) float32, each tile's sum of (y - hi)^2; else a dummy
+    phi_ptr,  # (B * tiles_per_batch, C) float32, each tile's per-channel mean of y: hi; or None
+    psdev_ptr,  # (B * tiles_per_batch, C) float32, each tile's sum of (y - hi); or None
+    pm2_ptr,  # (B * tiles_per_batch, C) float32, each tile's sum of (y - hi)^2; or None
     C, T, H, W,
     stride_ub, stride_ut, stride_uh, stride_uw,
     stride_rb, stride_rt, stride_rh, stride_rw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_ATTN_BIAS: tl.constexpr, HAS_CONV2_BIAS: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    STATS: tl.constexpr,  # also write the BatchNorm partial statistics of y (kernels/bn_stats.py)
+    STATS: tl.constexpr,  # phi_ptr given: also write the BatchNorm partial statistics of y (bn_stats.py)
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -165,8 +154,7 @@ def local_mhra_tail_fwd_kernel(
         y *= tl.load(bs_ptr + pid_b).to(tl.float32)
     mask = p_mask[:, None] & c_mask[None, :]
     if HAS_RESIDUAL:
-        r_off = (pid_b * stride_rb + t.to(tl.int64) * stride_rt + h.to(tl.int64) * stride_rh
-                 + w.to(tl.int64) * stride_rw)
+        r_off = strided_offset(pid_b, t, h, w, stride_rb, stride_rt, stride_rh, stride_rw)
         y += tl.load(r_ptr + r_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
     y_off = (pid_b * THW + p) * C
     y = y.to(y_ptr.dtype.element_ty)
@@ -215,15 +203,10 @@ def local_mhra_tail_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bias, con
     srb, _, srt, srh, srw = residual.stride() if residual is not None else (0,) * 5
     grid = (triton.cdiv(T * H * W, BLOCK_P), B)
     local_mhra_tail_fwd_kernel[grid](
-        u, attn_taps, attn_bias if attn_bias is not None else attn_taps, conv2_wt,
-        conv2_bias if conv2_bias is not None else conv2_wt,
-        branch_scale if branch_scale is not None else conv2_wt,
-        residual if residual is not None else u, y,
-        *((partials.phi, partials.psdev, partials.pm2) if stats else (y, y, y)),
+        u, attn_taps, attn_bias, conv2_wt, conv2_bias, branch_scale, residual, y,
+        *((partials.phi, partials.psdev, partials.pm2) if stats else (None, None, None)),
         C, T, H, W, sub, sut, suh, suw, srb, srt, srh, srw,
-        KT=KT, KH=KH, KW=KW, HAS_ATTN_BIAS=attn_bias is not None,
-        HAS_CONV2_BIAS=conv2_bias is not None, HAS_BRANCH_SCALE=branch_scale is not None,
-        HAS_RESIDUAL=residual is not None, STATS=stats,
+        KT=KT, KH=KH, KW=KW,
         PRECISION=dot_precision(u.dtype), UPCAST=INTERPRET,
         BLOCK_P=BLOCK_P, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
     )

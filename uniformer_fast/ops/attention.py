@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
+from ..kernels._tiles import why_not_dtype
 from ._validate import check_tensor
 from .reference import attention_reference
 
@@ -115,13 +116,14 @@ def _triton_why_not(qkv, num_heads, scale, dropout_p):
     reason = why_not_triton(qkv)
     if reason is not None:
         return reason
-    from ..kernels.attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+    from ..kernels.attention import SUPPORTED_HEAD_DIMS
     head_dim = qkv.shape[-1] // (3 * num_heads)
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return (f"head_dim = qkv.shape[-1] // (3 * num_heads) must be one of "
                 f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}; got {head_dim}")
-    if qkv.dtype not in SUPPORTED_DTYPES:
-        return f"qkv must be float16, bfloat16 or float32; got {qkv.dtype}"
+    reason = why_not_dtype("qkv", qkv)
+    if reason is not None:
+        return reason
     if dropout_p > 0.0:
         return (f"dropout on the attention probabilities is not supported (dropout_p={dropout_p}); "
                 "use backend='sdpa' or 'reference', or dropout_p=0")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
+from ..kernels._tiles import why_not_inputs
 from ._validate import check_like, check_tensor
 from .dwconv3d import (_channels_last, _empty_channels_last, _validate as _validate_dwconv3d,
                        _weight_taps, dwconv3d, dwconv3d_triton_backward)
@@ -79,14 +80,7 @@ def dpe_layernorm_composed(x, weight, bias, ln_weight, ln_bias, eps):
 # --- "triton": kernels/dpe.py (forward, LayerNorm backward) + the dwconv3d backward kernels -----
 
 def _triton_why_not(x, weight, bias, ln_weight, ln_bias, eps):
-    from ..kernels import why_not_triton
-    reason = why_not_triton(x, weight, bias, ln_weight, ln_bias)
-    if reason is not None:
-        return reason
-    from ..kernels.dpe import SUPPORTED_DTYPES, why_not_shape
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"x must be float16, bfloat16 or float32; got {x.dtype}"
-    return why_not_shape(x.shape)
+    return why_not_inputs("dpe", "x", x, weight, bias, ln_weight, ln_bias)
 
 
 @torch.library.custom_op("uniformer_fast::dpe_layernorm_triton_fwd", mutates_args=())

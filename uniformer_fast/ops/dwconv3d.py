@@ -7,11 +7,9 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
+from ..kernels._tiles import MAX_KERNEL, why_not_inputs
 from ._validate import check_like, check_tensor
 from .reference import dwconv3d_reference
-
-
-MAX_KERNEL = 7
 
 
 def _validate(x, weight, bias, residual):
@@ -195,14 +193,7 @@ def dwconv3d_cpp(x, weight, bias=None, residual=False):
 # --- "triton": the fused kernels in kernels/dwconv3d.py -------------------------------------------
 
 def _triton_why_not(x, weight, bias, residual):
-    from ..kernels import why_not_triton
-    reason = why_not_triton(x, weight, bias)
-    if reason is not None:
-        return reason
-    from ..kernels.dwconv3d import SUPPORTED_DTYPES, why_not_shape
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"x must be float16, bfloat16 or float32; got {x.dtype}"
-    return why_not_shape(x.shape)
+    return why_not_inputs("dwconv3d", "x", x, weight, bias)
 
 
 def _weight_taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:

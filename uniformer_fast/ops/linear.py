@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from ._validate import check_like, check_tensor
-from ..kernels import dense
+from ..kernels import dense, why_not_triton
+from ..kernels._tiles import why_not_dtype
 from .reference import linear_reference
 
 ACTIVATIONS = (None, "gelu")
@@ -144,13 +145,9 @@ def linear_onednn(x, weight, bias=None, activation=None):
 # --- "triton": matmul + bias + GELU in one kernel, forward and backward (kernels/linear.py) ----
 
 def _triton_why_not(x, weight, bias, activation):
-    from ..kernels import why_not_triton
-    reason = why_not_triton(x, weight, bias)
+    reason = why_not_triton(x, weight, bias) or why_not_dtype("x", x)
     if reason is not None:
         return reason
-    from ..kernels.linear import SUPPORTED_DTYPES
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"x must be float16, bfloat16 or float32; got {x.dtype}"
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         return f"weight must have out_features >= 1 and in_features >= 1; got {tuple(weight.shape)}"
     return None

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
+from ..kernels._tiles import why_not_inputs
 from ._validate import check_like, check_tensor
 from .batchnorm import add_stats_grad, batch_stats
 from .dwconv3d import (MAX_KERNEL, _channels_last, _empty_channels_last, _weight_taps, dwconv3d,
@@ -151,14 +152,8 @@ def local_mhra_tail_bn_stats_composed(u, attn_weight, attn_bias, conv2_weight, c
 # --- "triton": the fused forward kernel in kernels/local_mhra.py ---------------------------------
 
 def _triton_why_not(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual, branch_scale):
-    from ..kernels import why_not_triton
-    reason = why_not_triton(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual, branch_scale)
-    if reason is not None:
-        return reason
-    from ..kernels.local_mhra import SUPPORTED_DTYPES, why_not_shape
-    if u.dtype not in SUPPORTED_DTYPES:
-        return f"u must be float16, bfloat16 or float32; got {u.dtype}"
-    return why_not_shape(u.shape)
+    return why_not_inputs("local_mhra", "u", u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual,
+                          branch_scale)
 
 
 @torch.library.custom_op("uniformer_fast::local_mhra_tail_triton_fwd", mutates_args=())
