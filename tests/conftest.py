@@ -4,6 +4,7 @@ import os
 # A GPU run turns it off with TRITON_INTERPRET=0.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import inspect  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -63,6 +64,10 @@ def device():
 def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stages=3, aligned=()):
     """Compile a Triton kernel ahead of time for ``sm_<arch>`` on the CPU; no GPU needed.
 
+    ``constexprs`` may give a pointer argument as None (a launch without that tensor). A
+    ``@triton.heuristics`` kernel derives its flags from the arguments, as a launch does: do not
+    pass them.
+
     ``aligned`` names the arguments the launcher guarantees divisible by 16 (pointers 16-byte
     aligned, strides multiples of 16), as Triton's specialisation does at run time; without it
     the compiler cannot emit 16-byte vector loads.
@@ -76,13 +81,25 @@ def _compile_for_gpu(kernel, signature, constexprs, arch, num_warps=4, num_stage
 
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
+    from triton.runtime.autotuner import Heuristics
 
+    constexprs = dict(constexprs)
+    while isinstance(kernel, Heuristics):
+        # A @triton.heuristics kernel: derive its flags as a launch would, from the arguments
+        # (a pointer named in the signature is given; one passed as a None constexpr is not).
+        args = {**{name: name for name in signature}, **constexprs}
+        for name, rule in kernel.values.items():
+            assert name not in constexprs, f"{name} is derived by the kernel's heuristics; do not pass it"
+            constexprs[name] = rule(args)
+        kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.jit.JITFunction):
         # Under TRITON_INTERPRET=1, @triton.jit yields an interpreted function; compile its source.
         kernel = triton.runtime.jit.JITFunction(kernel.fn)
-    sig = dict(signature)
-    sig.update({name: "constexpr" for name in constexprs})
-    names = list(sig)
+    # In the kernel's argument order (attrs index into it); constexprs include None pointers.
+    names = list(kernel.arg_names)
+    assert set(names) == set(signature) | set(constexprs), \
+        f"signature and constexprs must name every argument once: {sorted(set(names) ^ (set(signature) | set(constexprs)))}"
+    sig = {name: signature.get(name, "constexpr") for name in names}
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -156,7 +173,10 @@ def compile_for_gpu(monkeypatch):
     _make_compilable(monkeypatch, tl_namespaces)
 
     def compile_(kernel, *args, **kwargs):
-        _make_compilable(monkeypatch, _jit_modules(getattr(kernel, "fn", kernel)))
+        fn = kernel
+        while not inspect.isfunction(fn):  # through @triton.heuristics and the jit wrapper
+            fn = fn.fn
+        _make_compilable(monkeypatch, _jit_modules(fn))
         return _compile_for_gpu(kernel, *args, **kwargs)
 
     return compile_
