@@ -60,6 +60,24 @@ else:  # UniFormer-B's training step alone would take a minute of a shared 2-cor
 HEAD_DIM = 64
 EMBED_DIM = (64, 128, 320, 512)  # UniFormer-S and -B share their stage widths; they differ in depth
 
+# Stochastic depth as the official runs train: drop_path_rate 0.1 for UniFormer-S, 0.3 for -B, rising
+# linearly from 0 at the first block to the rate at the last (as create_model(drop_path_rate=...)).
+# Training rows run at these rates and at 0 (inference rows: drop path is inactive in eval).
+OFFICIAL_DROP_PATH = {"uniformer_small": 0.1, "uniformer_base": 0.3}
+
+
+def block_drop_path(variant: str, kind: str) -> float:
+    """The drop-path rate of the last ``kind`` block ("CBlock": stages 1-2, "SABlock": 3-4) of
+    ``variant`` trained at its official drop_path_rate: a representative block in training."""
+    depth = floors.VARIANTS[variant]["depth"]
+    last = (depth[0] + depth[1] if kind == "CBlock" else sum(depth)) - 1
+    return OFFICIAL_DROP_PATH[variant] * last / (sum(depth) - 1)
+
+
+def dp_id(rate: float) -> str:
+    """The drop-path part of a row id: ``dp0``, ``dp0.035``, ``dp0.1``."""
+    return f"dp{round(rate, 3):g}"
+
 # CPU threads: 1 unless $UNIFORMER_FAST_BENCH_THREADS says otherwise. On a shared machine a
 # parallel region waits for any descheduled thread, which puts whole scheduler ticks (~8 ms) into
 # the numbers; one thread measures the kernels, not the neighbours.
