@@ -182,8 +182,10 @@ def plot(records, path) -> bool:
         series, _, where = name.partition(" | ")
         where = where.split(":")[0] or name
         first = rows[0].get("extra_info", {})
-        if first.get("level") == "model":  # one panel per pass, the variants side by side
+        if first.get("level") == "model":  # one panel per pass, the variants (and drop paths) side by side
             series, where = f"model {first.get('pass')} | {name.partition(' | ')[2]}", first.get("op")
+            if first.get("pass") == "train" and first.get("drop_path_rate") is not None:
+                where = f"{where} dp{round(first['drop_path_rate'], 3):g}"
         for backend, s in speedups(rows).items():
             info = next(r["extra_info"] for r in rows if r["extra_info"].get("backend") == backend)
             if s is None or info.get("baseline"):
