@@ -17,7 +17,9 @@ Triton's cold compiles included, the most decisive evidence first:
 3. ``ceilings``: copy bandwidth and bf16 matmul rate (benchmarks/ceilings.py);
 4. the op benchmarks (DPE 3x3x3 and the 5x5x5 depthwise conv, attention, the MLP linears) at the
    UniFormer-S/B stage shapes, batch 8, 16 frames, bf16, beside their baselines;
-5. ``blocks`` and ``model`` (UniFormer-S and -B, inference and a training step) as time allows.
+5. ``blocks`` and ``model`` (UniFormer-S and -B, inference and a training step) as time allows; the
+   training rows at the official drop-path rates (S 0.1, B 0.3) first, S also at 0 (B at 0 only in
+   a follow-up: ``model -k "uniformer_base and dp0-"``).
 
 Each part runs in its own process inside a time box (``SIGINT`` a few seconds before its end,
 ``SIGKILL`` at it): its floor first, then up to its cap what the later parts' floors leave; a part
@@ -84,8 +86,10 @@ PARITY_TESTS = (
     "tests/test_model_triton.py",
 )
 
-# Benchmarks of the first command: 16 frames (the op files also have 32), no torch.compile rows.
-FIRST_COMMAND_FILTER = "not f32 and not compile"
+# Benchmarks of the first command: 16 frames (the op files also have 32), no torch.compile rows, and
+# training steps at the official drop-path rates (S 0.1, B 0.3) and S at 0 for comparison, but not
+# UniFormer-B at 0 (nobody trains it so; its infer rows carry no dp, so "dp0-" matches only it).
+FIRST_COMMAND_FILTER = "not f32 and not compile and not (uniformer_base and dp0-)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +113,10 @@ PARTS = (
          "bench", ("benchmarks/test_attention.py",)),
     Part("linear", "MLP linears + GELU vs cuBLAS + GELU (stages 1-4)", 40, 10,
          "bench", ("benchmarks/test_linear.py",)),
-    Part("blocks", "CBlock (stages 1-2) and SABlock (3-4), eval fwd and train fwd+bwd", 50, 15,
+    Part("blocks", "CBlock (stages 1-2) and SABlock (3-4), eval fwd and train fwd+bwd (drop path, 0)", 50, 15,
          "bench", ("benchmarks/test_blocks.py",)),
-    Part("model", "UniFormer-S and -B, inference and a training step (AdamW)", 150, 30,
+    Part("model", "UniFormer-S and -B, inference and a training step (AdamW; drop path S 0.1 and 0, B 0.3)",
+         180, 30,
          "bench", ("benchmarks/test_whole_model.py",)),
 )
 PART_NAMES = tuple(p.name for p in PARTS)

@@ -159,9 +159,10 @@ def test_follow_up_mode_runs_only_the_parts_named():
     assert bad.returncode == 2 and "unknown part(s) modle" in bad.stderr
 
 
-def _collect(*args):
+def _collect(*args, env=None):
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=None if env is None else dict(os.environ, **env))
     return proc, [line for line in proc.stdout.splitlines() if "::" in line]
 
 
@@ -179,3 +180,17 @@ def test_benchmark_selections_collect():
     for f in files:
         assert any(i.startswith(f + "::") for i in ids), f"{f}: nothing selected"
     assert not [i for i in ids if "compile" in i.split("::")[-1] or "-f32-" in i]
+
+
+def test_first_command_trains_at_the_official_drop_path_rates():
+    """On the GPU's sizes (S and B; collecting needs no GPU): training rows at S 0.1 and 0, B 0.3 (not
+    B at 0); block training rows with drop path and without; inference rows without."""
+    proc, ids = _collect("benchmarks/test_whole_model.py", "benchmarks/test_blocks.py", "-k",
+                         gpu_run.FIRST_COMMAND_FILTER, env={"UNIFORMER_FAST_BENCH_DEVICE": "cuda"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [i.split("[", 1)[1].rstrip("]") for i in ids]
+    train = {tuple(r.split("-")[i] for i in (0, 3)) for r in rows if "-train-" in r}
+    assert train == {("uniformer_small", "dp0.1"), ("uniformer_small", "dp0"), ("uniformer_base", "dp0.3")}
+    assert not [r for r in rows if ("-infer-" in r or "-fwd-" in r) and "-dp" in r]
+    block_train = {(r.split("-")[0], r.split("-")[4]) for r in rows if "-fwd+bwd-" in r}
+    assert block_train == {("CBlock", "dp0.035"), ("CBlock", "dp0"), ("SABlock", "dp0.1"), ("SABlock", "dp0")}
