@@ -174,6 +174,18 @@ def dwconv3d_fwd_kernel(
         store_bn_partials(y, mask, c, c_mask, pid_p, pid_b, C, THW, phi_ptr, psdev_ptr, pm2_ptr, BLOCK_P)
 
 
+@triton.jit
+def group_tile(tile, tiles_per_batch, num_tiles, T, H, W, BLOCK_P: tl.constexpr):
+    """Position tile ``tile`` of the flattened (batch, tile) order of the weight-gradient kernel:
+    ``(b, p_mask, t, h, w)``, b int64. A tile past the last one reads nothing (b would be out of
+    range); the scalar condition goes into the bound, not the vector mask (interpreter)."""
+    b = (tile // tiles_per_batch).to(tl.int64)
+    p = (tile % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < tl.where(tile < num_tiles, T * H * W, 0)
+    t, h, w = split_position(p, H, W)
+    return b, p_mask, t, h, w
+
+
 @triton.heuristics({"HAS_BIAS": is_given("db_partial_ptr")})
 @triton.jit
 def dwconv3d_bwd_dw_kernel(
@@ -191,7 +203,6 @@ def dwconv3d_bwd_dw_kernel(
 ):
     pid_g = tl.program_id(0)
     pid_c = tl.program_id(1)
-    THW = T * H * W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     row = pid_g.to(tl.int64) * (KT * KH * KW) * C
@@ -204,13 +215,8 @@ def dwconv3d_bwd_dw_kernel(
         dw = tap % KW - KW // 2
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         for i in range(tiles_per_prog):
-            tile = pid_g * tiles_per_prog + i
-            b = (tile // tiles_per_batch).to(tl.int64)
-            p = (tile % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
-            # A tile past the last one reads nothing (b would be out of range); the scalar
-            # condition goes into the bound, not the vector mask (interpreter).
-            p_mask = p < tl.where(tile < num_tiles, THW, 0)
-            t, h, w = split_position(p, H, W)
+            b, p_mask, t, h, w = group_tile(pid_g * tiles_per_prog + i, tiles_per_batch, num_tiles,
+                                            T, H, W, BLOCK_P)
             ti = t + dt
             hi = h + dh
             wi = w + dw
@@ -226,11 +232,8 @@ def dwconv3d_bwd_dw_kernel(
     if HAS_BIAS:
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         for i in range(tiles_per_prog):
-            tile = pid_g * tiles_per_prog + i
-            b = (tile // tiles_per_batch).to(tl.int64)
-            p = (tile % tiles_per_batch) * BLOCK_P + tl.arange(0, BLOCK_P)
-            p_mask = p < tl.where(tile < num_tiles, THW, 0)
-            t, h, w = split_position(p, H, W)
+            b, p_mask, t, h, w = group_tile(pid_g * tiles_per_prog + i, tiles_per_batch, num_tiles,
+                                            T, H, W, BLOCK_P)
             dy_off = strided_offset(b, t, h, w, stride_dyb, stride_dyt, stride_dyh, stride_dyw)
             acc += tl.load(dy_ptr + dy_off[:, None] + c[None, :],
                            mask=p_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
