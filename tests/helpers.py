@@ -33,3 +33,55 @@ def run_dwconv3d(x, w, b, residual, backend, grad_y):
     y = ops.dwconv3d(x, w, b, residual=residual, backend=backend)
     y.backward(grad_y.to(y.dtype))
     return y, x.grad, w.grad, None if b is None else b.grad
+
+
+def assert_untouched(inputs, before):
+    """Every tensor of ``inputs`` still equals its clone in ``before`` (an op must not write its inputs)."""
+    for i, (t, b) in enumerate(zip(inputs, before)):
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, b), f"input {i} was modified"
+
+
+def clones(inputs):
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
+def assert_all_close(names, got, ref, dtype, assert_close, what, rtol=lambda name: None):
+    """``got`` against the float64 ``ref``, item by item: None where the reference has None, the
+    gradients (names starting with "d") in ``dtype``, each within ``rtol(name)`` (None: dtype's)."""
+    for name, a, e in zip(names, got, ref):
+        if e is None:
+            assert a is None, name
+            continue
+        if name.startswith("d"):
+            assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        assert_close(a, e, dtype=dtype, rtol=rtol(name), name=f"{name} {what}")
+
+
+def assert_stats_of_stored_y(y, mean, var, assert_close):
+    """The per-channel mean and biased variance of a large-mean y (|mean| / std ~ 1e4) equal the
+    exact (float64) statistics of the y the kernel stored, and the naive float32 formula
+    E[y^2] - E[y]^2 misses them by far more than the tolerance (so the check can fail)."""
+    var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
+    assert_close(mean, mean64, name="mean")
+    assert_close(var, var64, name="var")
+    yf = y.float().permute(0, 2, 3, 4, 1).reshape(-1, y.shape[1])
+    naive = (yf * yf).mean(0) - yf.mean(0) ** 2
+    assert (naive.double() - var64).abs().max() > 1e3 * 1e-5 * var64.abs().max()
+
+
+def attention_rtol(dtype):
+    """The attention kernels' tolerance: float32 at 1e-5 (2e-3 where its dots run in tf32)."""
+    if dtype == torch.float32:
+        from uniformer_fast.kernels.attention import fp32_input_precision
+        return 1e-5 if fp32_input_precision() == "ieee" else 2e-3
+    return {torch.bfloat16: 2.5e-2, torch.float16: 5e-3}[dtype]
+
+
+def assert_no_spills(r, what):
+    """An ahead-of-time compile (conftest's compile_for_gpu) used no local memory or stack: no
+    register spills. Prints the resource use (pytest -s shows it)."""
+    print(f"{what}: regs {r['regs']} stack {r['stack']} local {r['local']} shared {r['shared']} "
+          f"LDG.E.128 {'LDG.E.128' in r['sass']} wgmma {'wgmma' in r['ptx']} mma.sync {'mma.sync' in r['ptx']}")
+    assert r["local"] == 0 and r["stack"] == 0, \
+        f"{what}: register spills ({r['regs']} regs, stack {r['stack']} B, local {r['local']} B)"

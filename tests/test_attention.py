@@ -15,16 +15,11 @@ from uniformer_fast.ops import BackendUnavailableError
 from uniformer_fast.ops import backend as registry
 from uniformer_fast.ops.reference import attention_reference
 
+from helpers import attention_rtol
+
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def rtol_for(dtype):
-    if dtype == torch.float32:
-        from uniformer_fast.kernels.attention import fp32_input_precision
-        return 1e-5 if fp32_input_precision() == "ieee" else 2e-3
-    return {torch.bfloat16: 2.5e-2, torch.float16: 5e-3}[dtype]
 
 
 def reference_fwd_bwd(qkv, num_heads, scale, dout):
@@ -55,7 +50,7 @@ def test_triton_kernels_match_reference(B, N, heads, head_dim, dtype, device, as
     dqkv = attention_bwd(dout, qkv, out, lse, heads, scale,
                          dqkv=empty(B, N, 3 * C, dtype=dtype, device=device))
     ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, scale, dout)
-    rtol = rtol_for(dtype)
+    rtol = attention_rtol(dtype)
     assert out.dtype == dtype and dqkv.dtype == dtype
     assert_close(out, ref_out, rtol=rtol, name="out")
     assert_close(dqkv, ref_dqkv, rtol=rtol, name="dqkv")
@@ -90,7 +85,7 @@ def test_triton_gpu_block_sizes_match_reference(kind, dtype, device, assert_clos
         torch.set_float32_matmul_precision(saved)
     ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, scale, dout)
     # Under the interpreter tf32 is exact float32; on a GPU the tf32 config needs tf32's tolerance.
-    rtol = 2e-3 if kind == "tf32" and device.type == "cuda" else rtol_for(dtype)
+    rtol = 2e-3 if kind == "tf32" and device.type == "cuda" else attention_rtol(dtype)
     assert_close(out, ref_out, rtol=rtol, name="out")
     assert_close(dqkv, ref_dqkv, rtol=rtol, name="dqkv")
 
@@ -128,15 +123,18 @@ def test_triton_masked_keys_with_very_negative_logits(device, assert_close):
     assert_close(qkv.grad, ref_dqkv, rtol=1e-4, name="dqkv")
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "sdpa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# triton with float32: tests/test_op_contracts.py (the same check, with the other ops' contract).
+@pytest.mark.parametrize("backend,dtype", [pytest.param("sdpa", torch.float32, id="float32-sdpa"),
+                                           pytest.param("sdpa", torch.bfloat16, id="bfloat16-sdpa"),
+                                           pytest.param("triton", torch.bfloat16, marks=needs_triton,
+                                                        id="bfloat16-triton")])
 def test_public_op_autograd_matches_reference(backend, dtype, device, assert_close):
     B, N, heads, head_dim = 2, 19, 2, 32
     qkv = torch.randn(B, N, 3 * heads * head_dim, device=device).to(dtype).requires_grad_()
     out = ops.attention(qkv, heads, scale=0.2, backend=backend)
     out.sum().backward()  # a stride-0 gradient reaches the backward
     ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, 0.2, torch.ones_like(out))
-    rtol = rtol_for(dtype) if backend == "triton" else {torch.float32: 1e-5, torch.bfloat16: 2.5e-2}[dtype]
+    rtol = attention_rtol(dtype) if backend == "triton" else {torch.float32: 1e-5, torch.bfloat16: 2.5e-2}[dtype]
     assert out.shape == (B, N, heads * head_dim) and out.dtype == dtype
     assert_close(out, ref_out, rtol=rtol, name="out")
     assert_close(qkv.grad, ref_dqkv, rtol=rtol, name="dqkv")
@@ -178,9 +176,9 @@ def test_strided_qkv(backend, layout, device, assert_close):
     out = ops.attention(qkv, heads, backend=backend)
     out.backward(dout)
     ref_out, ref_dqkv = reference_fwd_bwd(qkv, heads, head_dim ** -0.5, dout)
-    assert_close(out, ref_out, rtol=rtol_for(torch.float32))
+    assert_close(out, ref_out, rtol=attention_rtol(torch.float32))
     grad = base.grad[:, 1::2, 8:8 + C3] if layout == "sliced" else base.grad.transpose(1, 2)
-    assert_close(grad, ref_dqkv, rtol=rtol_for(torch.float32))
+    assert_close(grad, ref_dqkv, rtol=attention_rtol(torch.float32))
     if layout == "sliced":  # the rest of the buffer gets no gradient
         assert base.grad[:, 0::2].abs().sum() == 0 and base.grad[..., :8].abs().sum() == 0
 

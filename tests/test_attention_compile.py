@@ -12,6 +12,8 @@ triton = pytest.importorskip("triton")
 
 from uniformer_fast.kernels import attention as A  # noqa: E402
 
+from helpers import assert_no_spills  # noqa: E402
+
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 PRECISION = {"16bit": "ieee", "tf32": "tf32", "ieee": "ieee"}  # "ieee" is ignored for 16-bit dots
 KIND_DTYPES = {"16bit": (torch.float16, torch.bfloat16), "tf32": (torch.float32,),
@@ -47,14 +49,14 @@ def _aligned(sig, head_dim):
     return ptrs + ([k for k in sig if k.startswith("stride")] if head_dim % 16 == 0 else [])
 
 
-def _check(result, what):
-    assert result["local"] == 0 and result["stack"] == 0, \
-        f"{what}: register spills ({result['regs']} regs, stack {result['stack']} B, local {result['local']} B)"
-
-
-def _report(what, r):
-    print(f"{what}: regs {r['regs']} stack {r['stack']} local {r['local']} shared {r['shared']} "
-          f"wgmma {'wgmma' in r['ptx']} mma.sync {'mma.sync' in r['ptx']}")
+def _compile(compile_for_gpu, kernel_fn, sig, kind, cfg, head_dim, arch, what):
+    """Compile one config, check it does not spill; returns (result, block sizes, warps)."""
+    blocks, warps, stages = _split(cfg)
+    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=A.head_dim_pad(head_dim), **blocks,
+                      PRECISION=PRECISION[kind], UPCAST=False)
+    r = compile_for_gpu(kernel_fn, sig, constexprs, arch, warps, stages, aligned=_aligned(sig, head_dim))
+    assert_no_spills(r, what)
+    return r, blocks, warps
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -64,14 +66,8 @@ def test_forward_compiles(kind, lengths, dtype, cfg, head_dim, arch, compile_for
     sig = dict(qkv_ptr=p, out_ptr=p, lse_ptr="*fp32", N="i32", H="i32", num_m_blocks="i32",
                qk_scale="fp32", stride_qkv_b="i32", stride_qkv_n="i32", stride_out_b="i32",
                stride_out_n="i32")
-    blocks, warps, stages = _split(cfg)
-    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=A.head_dim_pad(head_dim), **blocks,
-                      PRECISION=PRECISION[kind], UPCAST=False)
-    r = compile_for_gpu(A.attention_fwd_kernel, sig, constexprs, arch, warps, stages,
-                        aligned=_aligned(sig, head_dim))
     what = f"fwd {kind} {lengths} {dtype} D={head_dim} sm_{arch}"
-    _report(what, r)
-    _check(r, what)
+    r, blocks, warps = _compile(compile_for_gpu, A.attention_fwd_kernel, sig, kind, cfg, head_dim, arch, what)
     if kind == "ieee":
         assert "mma" not in r["ptx"], f"{what}: exact float32 must not use tensor cores"
     elif arch == 90 and blocks["BLOCK_M"] >= 64 * (warps // 4):
@@ -95,16 +91,10 @@ def test_backward_compiles(kind, lengths, dtype, cfg, head_dim, arch, compile_fo
                H="i32", num_blocks="i32", qk_scale="fp32", scale="fp32", stride_qkv_b="i32",
                stride_qkv_n="i32", stride_dout_b="i32", stride_dout_n="i32", stride_dqkv_b="i32",
                stride_dqkv_n="i32")
-    blocks, warps, stages = _split(cfg)
-    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=A.head_dim_pad(head_dim), **blocks,
-                      PRECISION=PRECISION[kind], UPCAST=False)
-    r = compile_for_gpu(A.attention_bwd_kernel, sig, constexprs, arch, warps, stages,
-                        aligned=_aligned(sig, head_dim))
     what = f"bwd {kind} {lengths} {dtype} D={head_dim} sm_{arch}"
-    _report(what, r)
+    r, blocks, warps = _compile(compile_for_gpu, A.attention_bwd_kernel, sig, kind, cfg, head_dim, arch, what)
     if kind != "ieee" and arch == 90 and blocks["BLOCK_N1"] >= 64 * (warps // 4):
         assert "wgmma" in r["ptx"], f"{what}: expected Hopper wgmma"
-    _check(r, what)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -118,7 +108,6 @@ def test_delta_compiles(dtype, head_dim, arch, compile_for_gpu):
                       BLOCK_M=A.DELTA_BLOCK_M)
     r = compile_for_gpu(A.attention_bwd_delta_kernel, sig, constexprs, arch,
                         aligned=_aligned(sig, head_dim))
-    _report(f"delta {dtype} D={head_dim} sm_{arch}", r)
-    _check(r, "delta")
+    assert_no_spills(r, f"delta {dtype} D={head_dim} sm_{arch}")
     if head_dim % 16 == 0:
         assert "LDG.E.128" in r["sass"], "expected 16-byte loads"

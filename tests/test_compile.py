@@ -1,4 +1,5 @@
-"""The fused ops as registered custom ops: opcheck, and torch.compile(fullgraph=True) of the model."""
+"""torch.compile(fullgraph=True) of the model over the fused ops. (Each custom op's opcheck and
+full-graph compile: tests/test_op_contracts.py.)"""
 import importlib
 
 import pytest
@@ -8,57 +9,13 @@ import uniformer_fast as uf
 from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 
-# The modules, not the public functions of the same names that uniformer_fast.ops exports.
-attention_mod = importlib.import_module("uniformer_fast.ops.attention")
+# The module, not the public function of the same name that uniformer_fast.ops exports.
 dwconv_mod = importlib.import_module("uniformer_fast.ops.dwconv3d")
 
 needs_cpp = pytest.mark.skipif(dwconv_mod._cpp is None, reason="the C++ extension is not built")
-needs_triton = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
 
 # head_dim 32: a size the triton attention supports; tiny so the interpreter stays quick.
 TINY = dict(depth=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), head_dim=32, num_classes=5)
-
-
-def channels_last(*shape):
-    return torch.randn(shape).to(memory_format=torch.channels_last_3d)
-
-
-def dwconv_cases():
-    x, gy = channels_last(2, 5, 3, 4, 3), channels_last(2, 5, 3, 4, 3)
-    w, b = torch.randn(5, 1, 3, 3, 3), torch.randn(5)
-    taps = w.reshape(5, -1).t().contiguous()
-    return [
-        pytest.param("dwconv3d_cpp_fwd", (x, w, b, True, False), marks=needs_cpp, id="cpp_fwd"),
-        pytest.param("dwconv3d_cpp_fwd", (gy, w, None, False, True), marks=needs_cpp, id="cpp_fwd_flip"),
-        pytest.param("dwconv3d_cpp_bwd", (x, gy, w, True, True), marks=needs_cpp, id="cpp_bwd"),
-        pytest.param("dwconv3d_cpp_bwd", (x, gy, w, False, False), marks=needs_cpp, id="cpp_bwd_weight_only"),
-        pytest.param("dwconv3d_triton_fwd", (x, taps, b, True, [3, 3, 3]), marks=needs_triton, id="triton_fwd"),
-        pytest.param("dwconv3d_triton_bwd_dw", (x, gy, [3, 3, 3]), marks=needs_triton, id="triton_bwd_dw"),
-    ]
-
-
-def attention_cases():
-    qkv = torch.randn(1, 5, 3 * 2 * 32)
-    out, lse = attention_mod.attention_triton_fwd(qkv, 2, 0.2) if HAS_TRITON and INTERPRET else (None, None)
-    return [
-        pytest.param("attention_triton_fwd", (qkv, 2, 0.2), marks=needs_triton, id="attention_fwd"),
-        pytest.param("attention_triton_bwd", (torch.randn(1, 5, 64), qkv, out, lse, 2, 0.2), marks=needs_triton,
-                     id="attention_bwd"),
-    ]
-
-
-def linear_cases():
-    linear_mod = importlib.import_module("uniformer_fast.ops.linear")
-    needs_onednn = pytest.mark.skipif(linear_mod._ONEDNN_LINEAR is None, reason="no oneDNN linear")
-    x, w, b = torch.randn(5, 16), torch.randn(8, 16), torch.randn(8)
-    return [pytest.param("linear_onednn", (x, w, b, "gelu"), marks=needs_onednn, id="onednn_gelu"),
-            pytest.param("linear_onednn", (x, w, None, "none"), marks=needs_onednn, id="onednn")]
-
-
-@pytest.mark.parametrize("name,args", dwconv_cases() + attention_cases() + linear_cases())
-def test_opcheck(name, args):
-    """Schema, fake (meta) implementation, and dispatch through AOT autograd all agree."""
-    torch.library.opcheck(getattr(torch.ops.uniformer_fast, name).default, args)
 
 
 def _compare_compiled(model, x, compile_backend, assert_close):

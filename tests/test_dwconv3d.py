@@ -1,6 +1,7 @@
 """The "triton" backend of ops.dwconv3d (kernels/dwconv3d.py): parity with the float64 reference
 for the output, dx, dweight and dbias over edge shapes, every kernel-size form, residual and bias
-on/off, every dtype and input layout; bitwise determinism of the weight gradient; errors.
+on/off, every dtype and input layout; errors. (Its custom ops' contract: opcheck, torch.compile,
+y.sum() gradients and bitwise determinism, in tests/test_op_contracts.py.)
 
 On the CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 which costs ~0.1 ms per operation per program: the shapes are tiny but cross every edge (channels
@@ -15,7 +16,7 @@ import torch
 from uniformer_fast import ops
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import LAYOUTS, make_x, run_dwconv3d
+from helpers import LAYOUTS, assert_all_close, assert_untouched, clones, make_x, run_dwconv3d
 
 pytest.importorskip("triton")
 
@@ -29,21 +30,17 @@ def _check(shape, kernel, dtype, residual, with_bias, layout, device, assert_clo
     w = torch.randn((C, 1) + tuple(kernel), device=device).to(dtype)
     b = torch.randn(C, device=device).to(dtype) if with_bias else None
     gy = torch.randn(shape, device=device).to(dtype)
-    x_before = x.clone()
+    before = clones([x])
     out = run_dwconv3d(x, w, b, residual, "triton", gy)
     # The reference sees the very values the kernel saw, in float64.
     ref = run_dwconv3d(x.double(), w.double(), None if b is None else b.double(), residual, "reference",
-               gy.double())
-    assert torch.equal(x, x_before), "the input was modified"
+                       gy.double())
+    assert_untouched([x], before)
     y = out[0]
     assert y.shape == shape and y.dtype == dtype and y.device == x.device
     assert y.is_contiguous(memory_format=CL), "the output must be dense channels_last_3d"
-    for name, a, e in zip(("y", "dx", "dweight", "dbias"), out, ref):
-        if e is None:
-            assert a is None, name
-            continue
-        assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
-        assert_close(a, e, dtype=dtype, name=f"{name} {shape} {kernel} {dtype} {layout}")
+    assert_all_close(("y", "dx", "dweight", "dbias"), out, ref, dtype, assert_close,
+                     f"{shape} {kernel} {dtype} {layout}")
     return out
 
 
@@ -85,32 +82,6 @@ def test_dwconv3d_triton_half_dtypes(dtype, residual, kernel, device, assert_clo
 def test_dwconv3d_triton_half_dtypes_sliced(dtype, device, assert_close):
     _check((1, 12, 3, 4, 3), (3, 3, 3), dtype, False, False, "sliced_channels_last", device,
            assert_close)
-
-
-def test_dwconv3d_triton_stride0_grad(device, assert_close):
-    """y.sum().backward() hands the backward an expanded (stride-0) gradient."""
-    x = make_x((2, 6, 3, 4, 3), torch.float32, "channels_last", device).requires_grad_()
-    w = torch.randn(6, 1, 3, 3, 3, device=device, requires_grad=True)
-    b = torch.randn(6, device=device, requires_grad=True)
-    ops.dwconv3d(x, w, b, residual=True, backend="triton").sum().backward()
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    ops.dwconv3d(x64, w64, b64, residual=True, backend="reference").sum().backward()
-    for name, a, e in (("dx", x.grad, x64.grad), ("dweight", w.grad, w64.grad), ("dbias", b.grad, b64.grad)):
-        assert_close(a, e, name=name)
-
-
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_dwconv3d_triton_deterministic(dtype, device):
-    """Per-program float32 partials and a fixed-order sum: two runs agree bit for bit."""
-    shape = (3, 20, 3, 4, 5)
-    x = make_x(shape, dtype, "channels_last", device)
-    w = torch.randn(20, 1, 3, 3, 3, device=device).to(dtype)
-    b = torch.randn(20, device=device).to(dtype)
-    gy = torch.randn(shape, device=device).to(dtype)
-    first = run_dwconv3d(x, w, b, True, "triton", gy)
-    second = run_dwconv3d(x, w, b, True, "triton", gy)
-    for name, a, c in zip(("y", "dx", "dweight", "dbias"), first, second):
-        assert torch.equal(a, c), f"{name} differs between two runs"
 
 
 def test_dwconv3d_triton_grads_only_where_asked(device, assert_close):

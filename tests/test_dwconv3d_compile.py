@@ -12,6 +12,8 @@ triton = pytest.importorskip("triton")
 
 from uniformer_fast.kernels import dwconv3d as K  # noqa: E402
 
+from helpers import assert_no_spills  # noqa: E402
+
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 ARCHS = (80, 90)
 # The kernel sizes UniFormer uses (DPE 3x3x3, Local MHRA 5x5x5), the 2-D and 1-D temporal cases,
@@ -38,42 +40,49 @@ def _aligned(sig):
     return [k for k, v in sig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
 
 
-def _check(r, what):
-    print(f"{what}: regs {r['regs']} stack {r['stack']} local {r['local']} shared {r['shared']} "
-          f"LDG.E.128 {'LDG.E.128' in r['sass']}")
-    assert r["local"] == 0 and r["stack"] == 0, \
-        f"{what}: register spills ({r['regs']} regs, stack {r['stack']} B, local {r['local']} B)"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "x".join(map(str, k)))
-@pytest.mark.parametrize("dtype", list(PTR), ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("C", CHANNELS)
-def test_forward_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_configs):
+def _fwd_sig(dtype):
     p = PTR[dtype]
-    sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, C="i32", T="i32", H="i32", W="i32",
-               stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
-    blocks, warps = _split(K.fwd_config(C, kernel))
-    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=True, RESIDUAL=True, **blocks)
-    r = compile_for_gpu(K.dwconv3d_fwd_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
-    _check(r, f"fwd {kernel} {dtype} {blocks} warps {warps} sm_{arch}")
+    return dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, C="i32", T="i32", H="i32", W="i32",
+                stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
+
+
+def _dw_sig(dtype):
+    p = PTR[dtype]
+    return dict(x_ptr=p, dy_ptr=p, dw_partial_ptr="*fp32", db_partial_ptr="*fp32", C="i32",
+                T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
+                stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
+                stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
+
+
+def _compile(compile_for_gpu, kernel_fn, sig, config, kernel, arch, what, **flags):
+    blocks, warps = _split(config)
+    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], **flags, **blocks)
+    r = compile_for_gpu(kernel_fn, sig, constexprs, arch, warps, aligned=_aligned(sig))
+    assert_no_spills(r, f"{what} {kernel} {blocks} warps {warps} sm_{arch}")
+    return r
+
+
+def _every_config(test):
+    """Parametrised over each channel block, dtype, kernel size and architecture."""
+    for mark in (pytest.mark.parametrize("arch", ARCHS),
+                 pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "x".join(map(str, k))),
+                 pytest.mark.parametrize("dtype", list(PTR), ids=lambda d: str(d)[6:]),
+                 pytest.mark.parametrize("C", CHANNELS)):
+        test = mark(test)
+    return test
+
+
+@_every_config
+def test_forward_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_configs):
+    r = _compile(compile_for_gpu, K.dwconv3d_fwd_kernel, _fwd_sig(dtype), K.fwd_config(C, kernel), kernel, arch,
+                 f"fwd {dtype}", HAS_BIAS=True, RESIDUAL=True)
     assert "LDG.E.128" in r["sass"], "expected 16-byte loads along C"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "x".join(map(str, k)))
-@pytest.mark.parametrize("dtype", list(PTR), ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("C", CHANNELS)
+@_every_config
 def test_weight_grad_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_configs):
-    p = PTR[dtype]
-    sig = dict(x_ptr=p, dy_ptr=p, dw_partial_ptr="*fp32", db_partial_ptr="*fp32", C="i32",
-               T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
-               stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
-               stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
-    blocks, warps = _split(K.dw_config(C, dtype))
-    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=True, **blocks)
-    r = compile_for_gpu(K.dwconv3d_bwd_dw_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
-    _check(r, f"dw {kernel} {dtype} {blocks} warps {warps} sm_{arch}")
+    r = _compile(compile_for_gpu, K.dwconv3d_bwd_dw_kernel, _dw_sig(dtype), K.dw_config(C, dtype), kernel, arch,
+                 f"dw {dtype}", HAS_BIAS=True)
     assert "LDG.E.128" in r["sass"], "expected 16-byte loads along C"
 
 
@@ -82,20 +91,8 @@ def test_weight_grad_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_confi
 def test_other_variants_compile(kernel, arch, compile_for_gpu, gpu_configs):
     """The variants the backward launches: the input gradient (no bias, with and without the
     residual) and the weight gradient without a bias."""
-    p = PTR[torch.bfloat16]
-    sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, C="i32", T="i32", H="i32", W="i32",
-               stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
-    blocks, warps = _split(K.fwd_config(64, kernel))
     for residual in (False, True):
-        constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=False, RESIDUAL=residual,
-                          **blocks)
-        r = compile_for_gpu(K.dwconv3d_fwd_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
-        _check(r, f"dx {kernel} residual={residual} sm_{arch}")
-    sig = dict(x_ptr=p, dy_ptr=p, dw_partial_ptr="*fp32", db_partial_ptr="*fp32", C="i32",
-               T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
-               stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
-               stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
-    blocks, warps = _split(K.dw_config(64, torch.bfloat16))
-    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=False, **blocks)
-    r = compile_for_gpu(K.dwconv3d_bwd_dw_kernel, sig, constexprs, arch, warps, aligned=_aligned(sig))
-    _check(r, f"dw no bias {kernel} sm_{arch}")
+        _compile(compile_for_gpu, K.dwconv3d_fwd_kernel, _fwd_sig(torch.bfloat16), K.fwd_config(64, kernel),
+                 kernel, arch, f"dx residual={residual}", HAS_BIAS=False, RESIDUAL=residual)
+    _compile(compile_for_gpu, K.dwconv3d_bwd_dw_kernel, _dw_sig(torch.bfloat16), K.dw_config(64, torch.bfloat16),
+             kernel, arch, "dw no bias", HAS_BIAS=False)

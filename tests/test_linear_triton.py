@@ -1,6 +1,7 @@
 """The "triton" linear backend (kernels/linear.py): matmul + bias + exact GELU in one kernel,
-forward and backward, against a float64 reference; the custom ops; ahead-of-time compiles of its
-configs for sm_80 and sm_90 (registers, spills) on the CPU."""
+forward and backward, against a float64 reference; ahead-of-time compiles of its configs for
+sm_80 and sm_90 (registers, spills) on the CPU. Its custom ops' contract (opcheck, torch.compile,
+y.sum() gradients, determinism) is checked with the other ops' in tests/test_op_contracts.py."""
 import importlib
 import re
 
@@ -9,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from uniformer_fast import ops
-from uniformer_fast.kernels import HAS_TRITON, INTERPRET
+from uniformer_fast.kernels import HAS_TRITON
 from uniformer_fast.ops import BackendUnavailableError
 
+from helpers import assert_no_spills
+
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
 
 linear_mod = importlib.import_module("uniformer_fast.ops.linear")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,16 +92,6 @@ def test_strided_x(layout, dtype, device, assert_close):
     w = (torch.randn(21, 24, device=device) / 5).to(dtype).requires_grad_()
     b = torch.randn(21, device=device).to(dtype).requires_grad_()
     _check(x, w, b, "gelu", assert_close)
-
-
-def test_stride0_grad(device, assert_close):
-    """y.sum().backward() hands the backward an expanded (stride 0) gradient."""
-    x, w, b = _inputs((5, 7, 20), 18, torch.float32, device)
-    y = ops.linear(x, w, b, activation="gelu", backend="triton")
-    y.sum().backward()
-    _, grads64 = _reference64(x, w, b, "gelu", torch.ones(y.shape, device=device))
-    for name, g, e in zip(("dx", "dweight", "dbias"), (x.grad, w.grad, b.grad), grads64):
-        assert_close(g, e, name=name)
 
 
 @pytest.mark.parametrize("split", (1, 2, 3, 7))
@@ -202,37 +194,6 @@ def test_bad_input(args, kwargs, err, match):
         ops.linear(*args, backend="triton", **kwargs)
 
 
-# --- custom ops, torch.compile ---------------------------------------------------------------------
-
-@needs_interpreter
-@pytest.mark.parametrize("activation", ("none", "gelu"))
-@pytest.mark.parametrize("bias", (True, False), ids=("bias", "no_bias"))
-def test_opcheck(activation, bias):
-    """Schema, fake implementation and dispatch through AOT autograd agree, both directions."""
-    x, w = torch.randn(9, 20), torch.randn(17, 20)
-    b = torch.randn(17) if bias else None
-    torch.library.opcheck(torch.ops.uniformer_fast.linear_triton_fwd.default, (x, w, b, activation))
-    dy = torch.randn(9, 17)
-    for need_dx, need_dw in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(torch.ops.uniformer_fast.linear_triton_bwd.default,
-                              (dy, x, w, b, activation, need_dx, need_dw))
-
-
-@needs_interpreter
-def test_compile_fullgraph(assert_close):
-    """The op in a full graph, forward and backward (AOT autograd over the opaque kernels)."""
-    x, w, b = _inputs((2, 5, 20), 18, torch.float32, torch.device("cpu"))
-    fn = torch.compile(lambda x, w, b: ops.linear(x, w, b, activation="gelu", backend="triton"),
-                       fullgraph=True, backend="aot_eager")
-    y = fn(x, w, b)
-    dy = torch.randn(y.shape)
-    grads = torch.autograd.grad(y, (x, w, b), dy)
-    y64, grads64 = _reference64(x, w, b, "gelu", dy)
-    assert_close(y, y64, name="y")
-    for name, g, e in zip(("dx", "dweight", "dbias"), grads, grads64):
-        assert_close(g, e, name=name)
-
-
 # --- ahead-of-time compiles for the GPUs ---------------------------------------------------------
 
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -279,10 +240,7 @@ def test_configs_compile_without_spills(kind, index, cfg, arch, compile_for_gpu)
     spills; 16-bit and tf32 matmuls run on tensor cores (wgmma on sm_90 where the tile allows)."""
     for direction in DIRECTIONS:
         r = compile_direction(compile_for_gpu, kind, cfg, direction, arch)
-        print(f"sm_{arch} {kind} {cfg} {direction}: regs {r['regs']} stack {r['stack']} local {r['local']} "
-              f"shared {r['shared']} wgmma {'wgmma' in r['ptx']} mma.sync {'mma.sync' in r['ptx']}")
-        assert r["local"] == 0 and r["stack"] == 0, \
-            f"{direction}: register spills ({r['regs']} regs, stack {r['stack']} B, local {r['local']} B)"
+        assert_no_spills(r, f"sm_{arch} {kind} {cfg} {direction}")
         if kind != "ieee":
             assert ("wgmma" in r["ptx"]) or ("mma.sync" in r["ptx"]), f"{direction}: no tensor-core matmul"
         if kind == "tf32":

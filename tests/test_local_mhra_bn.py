@@ -7,30 +7,27 @@ Parity of the "triton" backend with the float64 ground truth (ops.local_mhra_tai
 torch.var_mean) for y, mean, var and the gradients of u, attn_weight, attn_bias, conv2_weight,
 conv2_bias and residual, with upstream gradients on all three outputs (or some of them); edge
 shapes; a large-mean input where float32 sum / sum-of-squares statistics would fail; the
-"reference" backend; opcheck. The CBlock's use of the op is tested with norm1's in
+"reference" backend. (The custom op's contract: opcheck, torch.compile, y.sum() gradients and
+determinism, in tests/test_op_contracts.py.) The CBlock's use of the op is tested with norm1's in
 tests/test_dpe_bn.py, the kernel's ahead-of-time compile in tests/test_local_mhra.py.
 
 Under the interpreter (~0.1 ms per operation per program) the shapes are tiny: its 32-position
 tile leaves a partial last tile, and its 4-row merge groups make both merge levels run where a
 shape has more than 4 tiles.
 """
-import importlib
 
 import pytest
 import torch
 
 from uniformer_fast import ops
-from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import make_x
+from helpers import assert_all_close, assert_stats_of_stored_y, assert_untouched, clones, make_x
 
 pytest.importorskip("triton")
 
 CL = torch.channels_last_3d
 NAMES = ("y", "mean", "var", "du", "dattn_weight", "dattn_bias", "dconv2_weight", "dconv2_bias", "dresidual")
-local_mhra_mod = importlib.import_module("uniformer_fast.ops.local_mhra")
-needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
 
 
 def _inputs(shape, kernel, dtype, device, layout="channels_last", attn_bias=True, conv2_bias=True,
@@ -69,27 +66,19 @@ def _check(shape, kernel, dtype, device, assert_close, outputs=("y", "mean", "va
     grads = [torch.randn(shape, device=device).to(dtype) if "y" in outputs else None,
              torch.randn(C, device=device) if "mean" in outputs else None,
              torch.randn(C, device=device) if "var" in outputs else None]
-    before = [None if t is None else t.clone() for t in inputs]
+    before = clones(inputs)
     got = _run(lambda *a: ops.local_mhra_tail_bn_stats(*a, backend=backend), inputs, grads)
     ref = _run(_ground_truth, [None if t is None else t.double() for t in inputs],
                [None if g is None else g.double() for g in grads])
-    for t, b in zip(inputs, before):
-        assert t is None or torch.equal(t, b), "an input was modified"
+    assert_untouched(inputs, before)
     y, mean, var = got[:3]
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert y.shape == shape and y.dtype == dtype and y.is_contiguous(memory_format=CL)
     assert mean.shape == var.shape == (C,) and mean.dtype == var.dtype == stats_dtype
-    what = f"{shape} {kernel} {dtype} {backend} {outputs} {opts}"
-    for name, a, e in zip(NAMES, got, ref):
-        if e is None:
-            assert a is None, name
-            continue
-        if name.startswith("d"):
-            assert a.dtype == dtype and a.shape == e.shape, f"{name}: {a.dtype} {tuple(a.shape)}"
-        # The statistics are float32 whatever the activation dtype, of y as stored: in 16-bit
-        # dtypes they carry y's rounding.
-        rtol = rtol_loose if name.startswith("d") or name == "var" else None
-        assert_close(a, e, dtype=dtype, rtol=rtol, name=f"{name} {what}")
+    # The statistics are float32 whatever the activation dtype, of y as stored: in 16-bit dtypes
+    # they carry y's rounding.
+    assert_all_close(NAMES, got, ref, dtype, assert_close, f"{shape} {kernel} {dtype} {backend} {outputs} {opts}",
+                     rtol=lambda name: rtol_loose if name.startswith("d") or name == "var" else None)
     return got
 
 
@@ -126,49 +115,18 @@ def test_triton_some_outputs_used(outputs, device, assert_close):
     _check((1, 20, 2, 3, 3), (3, 3, 3), torch.float32, device, assert_close, outputs=outputs)
 
 
-def test_triton_stride0_grads(device, assert_close):
-    """(y.sum() + mean.sum() + var.sum()).backward() hands the backward expanded (stride-0) gradients."""
-    inputs = _inputs((1, 16, 2, 3, 3), (3, 3, 3), torch.float32, device)
-    results = []
-    for fn, cast in ((lambda *a: ops.local_mhra_tail_bn_stats(*a, backend="triton"), lambda t: t),
-                     (_ground_truth, torch.Tensor.double)):
-        leaves = [cast(t).detach().requires_grad_() for t in inputs]
-        y, mean, var = fn(*leaves)
-        (y.sum() + mean.sum() + var.sum()).backward()
-        results.append([t.grad for t in leaves])
-    for name, a, e in zip(NAMES[3:], *results):
-        assert_close(a, e, name=name)
-
-
 def test_triton_large_mean(device, assert_close):
     """|mean| / std ~ 1e4 (a residual stream far from zero): float32 sum and sum of squares would
     lose the variance; the per-tile (hi, sum of deviations, M2) partials and the merge keep it."""
     shape = (3, 16, 3, 4, 5)  # 6 tile rows: both merge levels
     inputs = _inputs(shape, (3, 3, 3), torch.float32, device, offset=1.0e4)
-    y, mean, var = ops.local_mhra_tail_bn_stats(*inputs, backend="triton")
     # Against the exact statistics of the y the kernel stored (its own float32 rounding at 1e4
     # would otherwise dominate).
-    var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3, 4), correction=0)
-    assert_close(mean, mean64, name="mean")
-    assert_close(var, var64, name="var")
-    # The test can fail: the naive float32 formula misses by far more than the tolerance.
-    yf = y.float().permute(0, 2, 3, 4, 1).reshape(-1, 16)
-    naive = (yf * yf).mean(0) - yf.mean(0) ** 2
-    assert (naive.double() - var64).abs().max() > 1e3 * 1e-5 * var64.abs().max()
+    assert_stats_of_stored_y(*ops.local_mhra_tail_bn_stats(*inputs, backend="triton"), assert_close)
     # Against float64 from the inputs: float32 holds y (and the mean) near 1e4 to ~5e-4, which
     # the variance and every gradient through y - mean carry against O(1) deviations: 1e-3 for
     # those, as tests/test_dpe_bn.py.
     _check(shape, (3, 3, 3), torch.float32, device, assert_close, rtol_loose=1e-3, offset=1.0e4)
-
-
-def test_triton_deterministic(device):
-    """Fixed-order merges, no atomics: two runs agree bit for bit."""
-    shape = (3, 16, 3, 4, 5)
-    inputs = _inputs(shape, (3, 3, 3), torch.float32, device)
-    grads = [torch.randn(shape, device=device), torch.randn(16, device=device), torch.randn(16, device=device)]
-    fn = lambda *a: ops.local_mhra_tail_bn_stats(*a, backend="triton")  # noqa: E731
-    for name, a, e in zip(NAMES, _run(fn, inputs, grads), _run(fn, inputs, grads)):
-        assert torch.equal(a, e), f"{name} differs between two runs"
 
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
@@ -190,26 +148,3 @@ def test_auto_and_errors(device):
         ops.local_mhra_tail_bn_stats_backend(*big, backend="triton")
     with pytest.raises(ValueError, match=r"conv2_weight must have shape \(16, 16, 1, 1, 1\)"):
         ops.local_mhra_tail_bn_stats(args[0], args[1], args[2], args[3][:, :8], args[4], args[5])
-
-
-@needs_interpreter
-@pytest.mark.parametrize("with_optional", (True, False), ids=("all", "no_bias_no_residual"))
-def test_opcheck(with_optional):
-    """Schema, fake (meta) implementation and dispatch agree for the statistics forward."""
-    u, aw, ab, w2, b2, r = _inputs((1, 16, 2, 3, 3), (3, 3, 3), torch.float32, torch.device("cpu"),
-                                   attn_bias=with_optional, conv2_bias=with_optional, residual=with_optional)
-    taps = aw.reshape(16, -1).t().contiguous()
-    w2t = w2.flatten(1).t().contiguous()
-    torch.library.opcheck(torch.ops.uniformer_fast.local_mhra_tail_bn_stats_triton_fwd.default,
-                          (u, taps, ab, w2t, b2, r, [3, 3, 3]))
-
-
-@needs_interpreter
-def test_compile_fullgraph(assert_close):
-    """The op in a full graph, forward and backward (AOT autograd over the opaque kernels)."""
-    inputs = _inputs((1, 16, 2, 3, 3), (3, 3, 3), torch.float32, torch.device("cpu"))
-    op = lambda *a: ops.local_mhra_tail_bn_stats(*a, backend="triton")  # noqa: E731
-    grads = [torch.randn(1, 16, 2, 3, 3), torch.randn(16), torch.randn(16)]
-    got = _run(torch.compile(op, fullgraph=True, backend="aot_eager"), inputs, grads)
-    for name, a, e in zip(NAMES, got, _run(op, inputs, grads)):
-        assert_close(a, e, name=name)
