@@ -170,7 +170,7 @@ def _local_mhra_opcheck(name, with_optional):
         u, aw, ab, w2, b2, r = _local_mhra_inputs((1, 16, 2, 3, 3), F32, "cpu", with_optional)
         taps = aw.reshape(16, -1).t().contiguous()
         w2t = w2.flatten(1).t().contiguous()
-        return [(name, (u, taps, ab, w2t, b2, r, [3, 3, 3]))]
+        return [(name, (u, taps, ab, w2t, b2, None, r, [3, 3, 3]))]  # no branch scale
     return build
 
 
