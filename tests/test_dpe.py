@@ -250,7 +250,7 @@ def test_forward_compiles_without_spills(dtype, kernel, arch, compile_for_gpu, g
         if key in seen:
             continue
         seen.add(key)
-        constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_BIAS=True, **cfg)
+        constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], **cfg)  # HAS_BIAS: b_ptr is given
         r = compile_for_gpu(K.dpe_layernorm_fwd_kernel, sig, constexprs, arch, warps, aligned=aligned)
         what = f"dpe_layernorm_fwd {kernel} {dtype} {cfg} warps {warps} sm_{arch}"
         assert_no_spills(r, what)
@@ -276,8 +276,9 @@ def test_layernorm_backward_compiles_without_spills(dtype, arch, compile_for_gpu
         if key in seen:
             continue
         seen.add(key)
-        for has_dy in (True, False):
-            r = compile_for_gpu(K.dpe_layernorm_bwd_ln_kernel, sig, dict(HAS_DY=has_dy, **cfg), arch, warps,
-                                aligned=aligned)
+        for has_dy in (True, False):  # without y's gradient the launcher passes dy_ptr=None
+            nones = {} if has_dy else {"dy_ptr": None}
+            r = compile_for_gpu(K.dpe_layernorm_bwd_ln_kernel, {k: v for k, v in sig.items() if k not in nones},
+                                dict(nones, **cfg), arch, warps, aligned=[a for a in aligned if a not in nones])
             what = f"dpe_layernorm_bwd_ln HAS_DY={has_dy} {dtype} {cfg} warps {warps} sm_{arch}"
             assert_no_spills(r, what)

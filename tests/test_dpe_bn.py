@@ -1,4 +1,5 @@
-"""ops.dpe_bn_stats, the CBlock's DPE with its BatchNorm statistics epilogue (kernels/dpe_bn.py):
+"""ops.dpe_bn_stats, the CBlock's DPE with its BatchNorm statistics epilogue (kernels/dwconv3d.py's
+forward with STATS, kernels/bn_stats.py):
 parity of the "triton" backend with the float64 reference for the three outputs (y, mean, var)
 and every gradient (x, weight, bias) with all three outputs receiving gradients; a large-mean
 input where float32 sum / sum-of-squares statistics would fail; the CBlock's training path (BN
@@ -325,6 +326,8 @@ def test_cblock_train_single_value_per_channel_raises(device):
 
 
 # --- ahead-of-time compile for sm_80 / sm_90 ------------------------------------------------------
+# The forward with STATS is compiled at the DPE's configs in tests/test_dwconv3d_compile.py
+# (test_forward_with_stats_compiles); here the statistics' merge and backward (kernels/bn_stats.py).
 
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
@@ -332,52 +335,44 @@ PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 @pytest.fixture
 def gpu_configs(monkeypatch):
     """The launchers' GPU choices, also when the tests run under the interpreter."""
-    from uniformer_fast.kernels import dpe_bn as K
-    from uniformer_fast.kernels import dwconv3d as D
+    from uniformer_fast.kernels import bn_stats as K
     monkeypatch.setattr(K, "INTERPRET", False)
-    monkeypatch.setattr(D, "INTERPRET", False)
     return K
 
 
 @needs_triton
 @pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=lambda d: str(d)[6:])
-def test_kernels_compile_without_spills(dtype, arch, compile_for_gpu, gpu_configs):
-    """The forward (each channel block the launcher picks, 3x3x3), the merge (both levels) and the
-    statistics backward compile for sm_80 and sm_90 without register spills."""
+def test_bn_stats_kernels_compile_without_spills(arch, compile_for_gpu, gpu_configs):
+    """The merge (each level the launcher runs: the tiles in one final level, the tiles into
+    groups, the groups' final level) and the statistics backward (with and without y's own
+    gradient, each dtype) compile for sm_80 and sm_90 without register spills. Absent pointers
+    are None, as the launchers pass them; the kernels' heuristics derive FROM_TILES and HAS_DY."""
     K = gpu_configs
-    p = PTR[dtype]
-    sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, phi_ptr="*fp32", psdev_ptr="*fp32", pm2_ptr="*fp32",
-               C="i32", T="i32", H="i32", W="i32",
-               stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
-    # torch allocations are 16-byte aligned; C a multiple of 16 makes every stride one too.
-    aligned = [k for k, v in sig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
-    for C in (32, 64):  # BLOCK_C 32 (C <= 32) and 64
-        cfg = dict(K.fwd_config(C, (3, 3, 3)))
-        warps = cfg.pop("num_warps")
-        r = compile_for_gpu(K.dpe_bn_stats_fwd_kernel, sig, dict(KT=3, KH=3, KW=3, HAS_BIAS=True, **cfg),
-                            arch, warps, aligned=aligned)
-        assert_no_spills(r, f"dpe_bn_stats_fwd 3x3x3 {dtype} {cfg} warps {warps} sm_{arch}")
-    if dtype != torch.float32:  # the merge reads only float32 partials
-        return
     mcfg = K.merge_config()
     msig = dict(shift_ptr="*fp32", count_ptr="*fp32", mean_ptr="*fp32", sdev_ptr="*fp32", m2_ptr="*fp32",
-                out_count_ptr="*fp32",
-                out_mean_ptr="*fp32", out_m2_ptr="*fp32", C="i32", G="i32", rows_per_prog="i32",
-                THW="i32", tiles_per_batch="i32")
-    maligned = [k for k, v in msig.items() if v.startswith("*") or k == "C"]
-    for first, final in ((True, False), (False, True)):
-        r = compile_for_gpu(K.bn_partials_merge_kernel, msig,
-                            dict(TILE_P=64, FROM_TILES=first, FINAL=final,
+                out_count_ptr="*fp32", out_mean_ptr="*fp32", out_m2_ptr="*fp32", C="i32", G="i32",
+                rows_per_prog="i32", THW="i32", tiles_per_batch="i32")
+    # (level, the pointers it passes as None, FINAL)
+    levels = (("tiles, final", ("count_ptr", "out_count_ptr"), True),
+              ("tiles to groups", ("count_ptr",), False),
+              ("groups, final", ("sdev_ptr", "out_count_ptr"), True))
+    for what, nones, final in levels:
+        sig = {k: v for k, v in msig.items() if k not in nones}
+        aligned = [k for k, v in sig.items() if v.startswith("*") or k == "C"]
+        r = compile_for_gpu(K.bn_partials_merge_kernel, sig,
+                            dict(dict.fromkeys(nones), TILE_P=64, FINAL=final,
                                  BLOCK_G=mcfg["BLOCK_G"], BLOCK_C=mcfg["BLOCK_C"]),
-                            arch, K.MERGE_NUM_WARPS, aligned=maligned)
-        assert_no_spills(r, f"bn_partials_merge FROM_TILES={first} FINAL={final} {mcfg} sm_{arch}")
+                            arch, K.MERGE_NUM_WARPS, aligned=aligned)
+        assert_no_spills(r, f"bn_partials_merge {what} {mcfg} sm_{arch}")
     for dt, pp in PTR.items():
-        bsig = dict(y_ptr=pp, dy_ptr=pp, mean_ptr="*fp32", k_mean_ptr="*fp32", k_var_ptr="*fp32", dyt_ptr=pp,
-                    C="i32", T="i32", H="i32", W="i32", num_tokens="i32",
-                    stride_dyb="i32", stride_dyt="i32", stride_dyh="i32", stride_dyw="i32")
-        baligned = [k for k, v in bsig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
-        bcfg = K.bwd_config()
-        warps = bcfg.pop("num_warps")
-        r = compile_for_gpu(K.bn_stats_bwd_kernel, bsig, dict(HAS_DY=True, **bcfg), arch, warps, aligned=baligned)
-        assert_no_spills(r, f"bn_stats_bwd {dt} {bcfg} warps {warps} sm_{arch}")
+        for has_dy in (True, False):
+            bsig = dict(y_ptr=pp, dy_ptr=pp, mean_ptr="*fp32", k_mean_ptr="*fp32", k_var_ptr="*fp32", dyt_ptr=pp,
+                        C="i32", T="i32", H="i32", W="i32", num_tokens="i32",
+                        stride_dyb="i32", stride_dyt="i32", stride_dyh="i32", stride_dyw="i32")
+            nones = {} if has_dy else {"dy_ptr": None}
+            bsig = {k: v for k, v in bsig.items() if k not in nones}
+            baligned = [k for k, v in bsig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
+            bcfg = K.bwd_config()
+            warps = bcfg.pop("num_warps")
+            r = compile_for_gpu(K.bn_stats_bwd_kernel, bsig, dict(nones, **bcfg), arch, warps, aligned=baligned)
+            assert_no_spills(r, f"bn_stats_bwd {dt} dy={has_dy} {bcfg} warps {warps} sm_{arch}")

@@ -40,23 +40,33 @@ def _aligned(sig):
     return [k for k, v in sig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
 
 
-def _fwd_sig(dtype):
+def _without(sig, absent):
+    """The signature and the None constexprs of a launch that passes None for ``absent``; the
+    kernels' heuristics derive their flags (HAS_BIAS, STATS) from which pointers are None."""
+    return {k: v for k, v in sig.items() if k not in absent}, dict.fromkeys(absent)
+
+
+def _fwd_sig(dtype, bias=True, stats=False):
     p = PTR[dtype]
-    return dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, C="i32", T="i32", H="i32", W="i32",
-                stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
+    sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, phi_ptr="*fp32", psdev_ptr="*fp32", pm2_ptr="*fp32",
+               C="i32", T="i32", H="i32", W="i32",
+               stride_xb="i32", stride_xt="i32", stride_xh="i32", stride_xw="i32")
+    return _without(sig, ("b_ptr",) * (not bias) + ("phi_ptr", "psdev_ptr", "pm2_ptr") * (not stats))
 
 
-def _dw_sig(dtype):
+def _dw_sig(dtype, bias=True):
     p = PTR[dtype]
-    return dict(x_ptr=p, dy_ptr=p, dw_partial_ptr="*fp32", db_partial_ptr="*fp32", C="i32",
-                T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
-                stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
-                stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
+    sig = dict(x_ptr=p, dy_ptr=p, dw_partial_ptr="*fp32", db_partial_ptr="*fp32", C="i32",
+               T="i32", H="i32", W="i32", stride_xb="i32", stride_xt="i32", stride_xh="i32",
+               stride_xw="i32", stride_dyb="i32", stride_dyt="i32", stride_dyh="i32",
+               stride_dyw="i32", tiles_per_batch="i32", num_tiles="i32", tiles_per_prog="i32")
+    return _without(sig, ("db_partial_ptr",) * (not bias))
 
 
-def _compile(compile_for_gpu, kernel_fn, sig, config, kernel, arch, what, **flags):
+def _compile(compile_for_gpu, kernel_fn, sig_nones, config, kernel, arch, what, **flags):
+    sig, nones = sig_nones
     blocks, warps = _split(config)
-    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], **flags, **blocks)
+    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], **nones, **flags, **blocks)
     r = compile_for_gpu(kernel_fn, sig, constexprs, arch, warps, aligned=_aligned(sig))
     assert_no_spills(r, f"{what} {kernel} {blocks} warps {warps} sm_{arch}")
     return r
@@ -75,14 +85,14 @@ def _every_config(test):
 @_every_config
 def test_forward_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_configs):
     r = _compile(compile_for_gpu, K.dwconv3d_fwd_kernel, _fwd_sig(dtype), K.fwd_config(C, kernel), kernel, arch,
-                 f"fwd {dtype}", HAS_BIAS=True, RESIDUAL=True)
+                 f"fwd {dtype}", RESIDUAL=True)
     assert "LDG.E.128" in r["sass"], "expected 16-byte loads along C"
 
 
 @_every_config
 def test_weight_grad_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_configs):
     r = _compile(compile_for_gpu, K.dwconv3d_bwd_dw_kernel, _dw_sig(dtype), K.dw_config(C, dtype), kernel, arch,
-                 f"dw {dtype}", HAS_BIAS=True)
+                 f"dw {dtype}")
     assert "LDG.E.128" in r["sass"], "expected 16-byte loads along C"
 
 
@@ -92,7 +102,18 @@ def test_other_variants_compile(kernel, arch, compile_for_gpu, gpu_configs):
     """The variants the backward launches: the input gradient (no bias, with and without the
     residual) and the weight gradient without a bias."""
     for residual in (False, True):
-        _compile(compile_for_gpu, K.dwconv3d_fwd_kernel, _fwd_sig(torch.bfloat16), K.fwd_config(64, kernel),
-                 kernel, arch, f"dx residual={residual}", HAS_BIAS=False, RESIDUAL=residual)
-    _compile(compile_for_gpu, K.dwconv3d_bwd_dw_kernel, _dw_sig(torch.bfloat16), K.dw_config(64, torch.bfloat16),
-             kernel, arch, "dw no bias", HAS_BIAS=False)
+        _compile(compile_for_gpu, K.dwconv3d_fwd_kernel, _fwd_sig(torch.bfloat16, bias=False),
+                 K.fwd_config(64, kernel), kernel, arch, f"dx residual={residual}", RESIDUAL=residual)
+    _compile(compile_for_gpu, K.dwconv3d_bwd_dw_kernel, _dw_sig(torch.bfloat16, bias=False),
+             K.dw_config(64, torch.bfloat16), kernel, arch, "dw no bias")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("C", (32, 64), ids=lambda c: f"C{c}")
+def test_forward_with_stats_compiles(C, dtype, arch, compile_for_gpu, gpu_configs):
+    """The STATS variant (BatchNorm partials from the registers) as ops.dpe_bn_stats launches it for
+    the CBlock's DPE: 3x3x3 with bias and residual, each channel block (C <= 32: 32, else 64)."""
+    r = _compile(compile_for_gpu, K.dwconv3d_fwd_kernel, _fwd_sig(dtype, stats=True), K.fwd_config(C, (3, 3, 3)),
+                 (3, 3, 3), arch, f"fwd STATS {dtype}", RESIDUAL=True)
+    assert "LDG.E.128" in r["sass"], "expected 16-byte loads along C"

@@ -199,12 +199,13 @@ def test_bad_input(args, kwargs, err, match):
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 PRECISION = {"16bit": "ieee", "tf32": "tf32", "ieee": "ieee"}  # "ieee" is ignored for 16-bit dots
 KIND_DTYPE = {"16bit": torch.bfloat16, "tf32": torch.float32, "ieee": torch.float32}
-# The four launches of a training step, as the launchers make them (kernels/linear.py).
+# The four launches of a training step, as the launchers make them (kernels/linear.py): the flags,
+# and the optional pointers passed as None (the kernel's heuristics derive HAS_BIAS and ROWSUM).
 DIRECTIONS = {
-    "fwd_gelu": dict(A_K_CONTIG=True, B_K_CONTIG=True, HAS_BIAS=True, ACT=1, ROWSUM=False),
-    "bwd_dpre": dict(A_K_CONTIG=True, B_K_CONTIG=True, HAS_BIAS=True, ACT=2, ROWSUM=False),
-    "bwd_dx": dict(A_K_CONTIG=True, B_K_CONTIG=False, HAS_BIAS=False, ACT=0, ROWSUM=False),
-    "bwd_dw_split": dict(A_K_CONTIG=False, B_K_CONTIG=False, HAS_BIAS=False, ACT=0, ROWSUM=True),
+    "fwd_gelu": (dict(A_K_CONTIG=True, B_K_CONTIG=True, ACT=1), ("dy_ptr", "rowsum_ptr")),
+    "bwd_dpre": (dict(A_K_CONTIG=True, B_K_CONTIG=True, ACT=2), ("rowsum_ptr",)),
+    "bwd_dx": (dict(A_K_CONTIG=True, B_K_CONTIG=False, ACT=0), ("bias_ptr", "dy_ptr", "rowsum_ptr")),
+    "bwd_dw_split": (dict(A_K_CONTIG=False, B_K_CONTIG=False, ACT=0), ("bias_ptr", "dy_ptr")),
 }
 
 
@@ -223,9 +224,11 @@ def compile_direction(compile_for_gpu, kind, cfg, direction, arch):
     sig = {"a_ptr": elem, "b_ptr": elem, "bias_ptr": elem, "dy_ptr": elem, "c_ptr": out,
            "rowsum_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
            "stride_a": "i32", "stride_b": "i32", "stride_dy": "i32", "stride_cm": "i32", "stride_cs": "i32"}
+    flags, nones = DIRECTIONS[direction]
+    sig = {k: v for k, v in sig.items() if k not in nones}
     cfg = dict(cfg)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    constexprs = dict(DIRECTIONS[direction], INT64=False, PRECISION=PRECISION[kind], UPCAST=False, **cfg)
+    constexprs = dict(flags, **dict.fromkeys(nones), INT64=False, PRECISION=PRECISION[kind], UPCAST=False, **cfg)
     # UniFormer-S's MLP shapes (C = 64..512, hidden 4C, M a multiple of 16): every pointer,
     # stride and size is a multiple of 16, which Triton specialises on at launch.
     aligned = [k for k in sig if k != "k_per_split"]

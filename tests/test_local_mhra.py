@@ -255,21 +255,28 @@ K = importlib.import_module("uniformer_fast.kernels.local_mhra")
 KINDS = [(torch.bfloat16, "16bit"), (torch.float32, "tf32"), (torch.float32, "ieee")]
 
 
-def _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch, flags=(True, True, True), stats=False):
+def _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch, flags=(True, True, True), stats=False,
+             branch_scale=False):
+    """flags: (attn bias, conv2 bias, residual) given; branch_scale: the per-sample scale given
+    (training with stochastic depth). What is not given is passed as None, as the launcher does,
+    and the kernel's heuristics derive its HAS_* and STATS flags from that."""
     p = PTR[dtype]
-    sig = dict(u_ptr=p, taps_ptr=p, ab_ptr=p, w2_ptr=p, b2_ptr=p, r_ptr=p, y_ptr=p,
+    sig = dict(u_ptr=p, taps_ptr=p, ab_ptr=p, w2_ptr=p, b2_ptr=p, bs_ptr=p, r_ptr=p, y_ptr=p,
                phi_ptr="*fp32", psdev_ptr="*fp32", pm2_ptr="*fp32", C="i32", T="i32",
                H="i32", W="i32", stride_ub="i32", stride_ut="i32", stride_uh="i32", stride_uw="i32",
                stride_rb="i32", stride_rt="i32", stride_rh="i32", stride_rw="i32")
+    given = dict(ab_ptr=flags[0], b2_ptr=flags[1], r_ptr=flags[2], bs_ptr=branch_scale,
+                 phi_ptr=stats, psdev_ptr=stats, pm2_ptr=stats)
+    nones = {k: None for k, v in given.items() if not v}
+    sig = {k: v for k, v in sig.items() if k not in nones}
     cfg = K.gpu_config(block_c, kind, stats)
-    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], HAS_ATTN_BIAS=flags[0],
-                      HAS_CONV2_BIAS=flags[1], HAS_RESIDUAL=flags[2], STATS=stats,
+    constexprs = dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], **nones,
                       PRECISION="tf32" if kind == "tf32" else "ieee", UPCAST=False,
                       BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"])
     # With C a multiple of 16 every stride is one too, and torch allocations are 16-byte aligned.
     aligned = [k for k, v in sig.items() if v.startswith("*") or k.startswith("stride") or k == "C"]
     r = compile_for_gpu(K.local_mhra_tail_fwd_kernel, sig, constexprs, arch, cfg["num_warps"], aligned=aligned)
-    what = f"C{block_c} {dtype} {kind} {kernel} {flags} stats={stats} {cfg} sm_{arch}"
+    what = f"C{block_c} {dtype} {kind} {kernel} {flags} scale={branch_scale} stats={stats} {cfg} sm_{arch}"
     assert_no_spills(r, what)
     assert "LDG.E.128" in r["sass"], f"{what}: expected 16-byte loads along C"
     if kind != "ieee":  # the projection on tensor cores: wgmma on Hopper, mma.sync on Ampere
@@ -284,12 +291,14 @@ def gpu_configs(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("kernel", ((5, 5, 5), (7, 7, 7)), ids=("5x5x5", "7x7x7"))
+@pytest.mark.parametrize("kernel,branch_scale", [((5, 5, 5), False), ((5, 5, 5), True), ((7, 7, 7), False)],
+                         ids=("5x5x5", "5x5x5-scale", "7x7x7"))
 @pytest.mark.parametrize("dtype,kind", KINDS, ids=lambda v: v if isinstance(v, str) else str(v)[6:])
 @pytest.mark.parametrize("block_c", K.BLOCK_CS, ids=lambda c: f"C{c}")
-def test_forward_compiles(block_c, dtype, kind, kernel, arch, compile_for_gpu, gpu_configs):
-    """UniFormer's 5x5x5 and the largest kernel allowed (the most taps unrolled along kw)."""
-    _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch)
+def test_forward_compiles(block_c, dtype, kind, kernel, branch_scale, arch, compile_for_gpu, gpu_configs):
+    """UniFormer's 5x5x5, without and with the per-sample stochastic-depth scale (training with
+    drop_path), and the largest kernel allowed (the most taps unrolled along kw)."""
+    _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch, branch_scale=branch_scale)
 
 
 @pytest.mark.parametrize("arch", (80, 90))
@@ -305,5 +314,7 @@ def test_other_variants_compile(arch, compile_for_gpu, gpu_configs):
 @pytest.mark.parametrize("block_c", K.BLOCK_CS, ids=lambda c: f"C{c}")
 def test_forward_with_bn_stats_compiles(block_c, dtype, kind, arch, compile_for_gpu, gpu_configs):
     """The STATS variant (BatchNorm partials written from the registers, ops.local_mhra_tail_bn_stats)
-    at every launch config, UniFormer's 5x5x5: no spills, 16-byte loads, tensor cores."""
-    _compile(compile_for_gpu, block_c, dtype, kind, (5, 5, 5), arch, stats=True)
+    at every launch config, UniFormer's 5x5x5, with the stochastic-depth scale (the training
+    step the STATS variant serves; the scale adds a load and a multiply): no spills, 16-byte
+    loads, tensor cores."""
+    _compile(compile_for_gpu, block_c, dtype, kind, (5, 5, 5), arch, stats=True, branch_scale=True)
