@@ -7,6 +7,9 @@ autotune config, upcasts) from here. It also knows the layouts the kernels addre
 "Layouts" below): every launcher hands its kernels each input through :func:`dense`,
 :func:`unit_stride` or :func:`check_channel_stride`.
 
+What the tiled kernels share (dtypes, shape limits, the ops' pre-launch check, the decoding of
+positions inside kernels, None for absent tensors) is in :mod:`._tiles`.
+
 Tested Triton versions: 3.6 (the GPU machine's, with torch 2.11) and 3.9 (torch 2.13). Every GPU
 config compiles without spills under both, so no launcher chooses by version; the one
 version-specific piece is the fix below for 3.6's interpreter.
