@@ -146,14 +146,14 @@ def test_dpe_bn_stats_auto_on_cpu_float64():
     raises saying why."""
     x = torch.randn(1, 4, 2, 3, 3, dtype=torch.float64)
     w, b = _params(4, (3, 3, 3), torch.float64, True, "cpu")
-    assert ops.dpe_bn_stats_backend(x, w, b) == "reference"
+    assert ops.backend_for(ops.dpe_bn_stats, x, w, b) == "reference"
     y, mean, var = ops.dpe_bn_stats(x, w, b)
     assert y.dtype == mean.dtype == var.dtype == torch.float64
     if HAS_TRITON:
         with pytest.raises(BackendUnavailableError, match="float16, bfloat16 or float32; got torch.float64"):
             ops.dpe_bn_stats(x, w, b, backend="triton")
         with pytest.raises(BackendUnavailableError, match="float16, bfloat16 or float32; got torch.float64"):
-            ops.dpe_bn_stats_backend(x, w, b, backend="triton")
+            ops.backend_for(ops.dpe_bn_stats, x, w, b, backend="triton")
 
 
 @needs_triton
@@ -309,8 +309,9 @@ def test_cblock_eval_and_reference_paths_unchanged(device, assert_close):
         y = blk(x)
     with ops.use_backend("reference"):
         y_ref = blk(x)
-        assert ops.dpe_bn_stats_backend(x, blk.pos_embed.weight, blk.pos_embed.bias) == "reference"
-        assert ops.local_mhra_tail_bn_stats_backend(x, blk.attn.weight, None, blk.conv2.weight, None) == "reference"
+        assert ops.backend_for(ops.dpe_bn_stats, x, blk.pos_embed.weight, blk.pos_embed.bias) == "reference"
+        tail = (x, blk.attn.weight, None, blk.conv2.weight, None)
+        assert ops.backend_for(ops.local_mhra_tail_bn_stats, *tail) == "reference"
     assert torch.equal(blk.norm1.num_batches_tracked, torch.tensor(0))
     assert torch.equal(blk.norm2.num_batches_tracked, torch.tensor(0))
     assert_close(y, y_ref.double(), rtol=1e-5, name="eval")

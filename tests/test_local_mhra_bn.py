@@ -138,13 +138,13 @@ def test_reference_backend(dtype, assert_close):
 def test_auto_and_errors(device):
     args = _inputs((1, 16, 1, 2, 2), (3, 3, 3), torch.float32, device)
     expected = "triton" if device.type == "cuda" else "reference"
-    assert ops.local_mhra_tail_bn_stats_backend(*args) == expected
-    assert ops.local_mhra_tail_bn_stats_backend(*args, backend="triton") == "triton"
+    assert ops.backend_for(ops.local_mhra_tail_bn_stats, *args) == expected
+    assert ops.backend_for(ops.local_mhra_tail_bn_stats, *args, backend="triton") == "triton"
     f64 = [None if t is None else t.double() for t in args]
     with pytest.raises(BackendUnavailableError, match="float16, bfloat16 or float32; got torch.float64"):
         ops.local_mhra_tail_bn_stats(*f64, backend="triton")
     big = _inputs((1, 160, 1, 2, 2), (3, 3, 3), torch.float32, device)
     with pytest.raises(BackendUnavailableError, match="local_mhra_tail_bn_stats: backend 'triton'.*at most 128"):
-        ops.local_mhra_tail_bn_stats_backend(*big, backend="triton")
+        ops.backend_for(ops.local_mhra_tail_bn_stats, *big, backend="triton")
     with pytest.raises(ValueError, match=r"conv2_weight must have shape \(16, 16, 1, 1, 1\)"):
         ops.local_mhra_tail_bn_stats(args[0], args[1], args[2], args[3][:, :8], args[4], args[5])

@@ -3,12 +3,13 @@ bias`` (the residual stream) and the per-channel batch mean and biased variance 
 (B, T, H, W), as one op.
 
 In a training CBlock the BatchNorm ``norm1`` needs those statistics before it can normalise; the
-"triton" backend (kernels/dpe_bn.py) computes them from the convolution's registers (per-tile
-``(mean, M2)`` partials merged in a fixed order), so y is not read again for them, and the model
-applies the normalisation on load into ``conv1`` by folding it into conv1's weights.
+"triton" backend computes them from the convolution's registers (kernels/dwconv3d.py's forward
+with ``STATS``; per-tile partials merged in a fixed order by kernels/bn_stats.py), so y is not read
+again for them, and the model applies the normalisation on load into ``conv1`` by folding it into
+conv1's weights (:mod:`.batchnorm`).
 
 Backends: ``"reference"`` composes the public op ``ops.dwconv3d(..., residual=True)`` ("auto"
-still runs it on its own fast backend) with ``torch.var_mean``; ``"triton"`` is one fused pass
+still runs it on its own fast backend) with :func:`.batchnorm.batch_stats`; ``"triton"`` is one fused pass
 plus a tiny merge. ``mean`` and ``var`` are differentiable outputs on both.
 """
 from __future__ import annotations
