@@ -11,8 +11,11 @@ project's two shared cores (2x3x4x32x32: forward 12 s, backward 129 s, most of i
 depthwise-conv weight-gradient kernel), against a budget of about a minute for this file. So:
 
 - the full depth, eval mode, forward only: the logits (1x3x2x32x32, ~10 s);
-- one block per stage (two CBlocks, two SABlocks, full widths), training and eval mode: the
-  logits, every parameter gradient and the BatchNorm running statistics (~30-40 s each).
+- one block per stage (two CBlocks, two SABlocks, full widths), training at the official
+  drop-path rates (0.1 for -S, 0.3 for -B: the blocks' rates rise from 0, so the first CBlock
+  runs without stochastic depth and the second with it, inside the fused tail) and eval mode:
+  the logits, every parameter gradient, the BatchNorm running statistics and, in training, the
+  drawn drop-path masks (~30-40 s each).
 
 Inputs are the smallest that keep every stage non-empty: 32x32 pixels (spatial 8/4/2/1 per
 stage). Training mode needs two clips of 4 frames: with one clip, the final BatchNorm normalises
@@ -25,6 +28,7 @@ import pytest
 import torch
 
 import uniformer_fast as uf
+from uniformer_fast import model as model_mod
 from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.ops import backend as registry
@@ -62,14 +66,24 @@ def _forward(model, x, backend):
     return y, seen
 
 
-def _run(model, x, backend):
-    """Forward, backward of a scalar loss; returns logits, {name: grad}, {name: buffer}, and the
-    backends each op resolved to."""
+def _run(model, x, backend, monkeypatch):
+    """Forward, backward of a scalar loss under one seed; returns logits, {name: grad},
+    {name: buffer}, the backends each op resolved to and the drop-path scales drawn, in order."""
+    draws, draw = [], model_mod.drop_path_scale
+
+    def record(*args):
+        s = draw(*args)
+        draws.append(None if s is None else s.double())
+        return s
+
+    monkeypatch.setattr(model_mod, "drop_path_scale", record)
+    torch.manual_seed(1)
     with _Resolved() as seen, ops.use_backend(backend):
         y = model(x)
         y.logsumexp(-1).sum().backward()
+    monkeypatch.setattr(model_mod, "drop_path_scale", draw)
     return (y.detach(), {n: p.grad for n, p in model.named_parameters()},
-            {n: b.clone() for n, b in model.named_buffers()}, seen)
+            {n: b.clone() for n, b in model.named_buffers()}, seen, draws)
 
 
 def _check_ran_triton(seen):
@@ -108,19 +122,27 @@ def test_full_depth_eval_forward(device):
     _check_logits(y, y64)
 
 
-@pytest.mark.parametrize("train", (True, False), ids=("train", "eval"))
-def test_one_block_per_stage_forward_backward(train, device):
+@pytest.mark.parametrize("train,drop_path_rate", ((True, 0.1), (True, 0.3), (False, 0.0)),
+                         ids=("train-dp0.1", "train-dp0.3", "eval"))
+def test_one_block_per_stage_forward_backward(train, drop_path_rate, device, monkeypatch):
     """UniFormer-S widths and heads with one block per stage (two CBlocks, two SABlocks):
-    logits, every parameter gradient, the BatchNorm running statistics."""
+    logits, every parameter gradient, the BatchNorm running statistics, the drop-path masks."""
     _skip_without_interpreter(device)
-    model, model64 = _models(device, train, depth=(1, 1, 1, 1))
+    model, model64 = _models(device, train, depth=(1, 1, 1, 1), drop_path_rate=drop_path_rate)
     # Two clips in training mode (see the module docstring).
     x = torch.randn(2 if train else 1, 3, 4 if train else 2, 32, 32, device=device)
 
-    y, grads, buffers, seen = _run(model, x, "triton")
-    y64, grads64, buffers64, _ = _run(model64, x.double(), "reference")
+    y, grads, buffers, seen, draws = _run(model, x, "triton", monkeypatch)
+    y64, grads64, buffers64, _, draws64 = _run(model64, x.double(), "reference", monkeypatch)
 
     _check_ran_triton(seen)
+    if train:  # the fused CBlocks ran with (the second) and without (the first) stochastic depth
+        assert {"dpe_bn_stats", "local_mhra_tail_bn_stats"} <= seen.keys(), seen
+    # The same samples dropped (float32 and float64 draws of one seed): every block's masks.
+    assert len(draws) == len(draws64) == 8  # two per block, None where inactive
+    for d, d64 in zip(draws, draws64):
+        assert (d is None) == (d64 is None) and (d is None or (torch.equal(d > 0, d64 > 0)
+                                                               and torch.allclose(d, d64, rtol=1e-7))), (d, d64)
     _check_logits(y, y64)
     # Some gradients are sums that nearly cancel (e.g. a stage-4 DPE bias), so each is held to
     # float32 noise relative to the largest gradient of the model, as in tests/test_compile.py.
