@@ -127,7 +127,7 @@ def test_whole_model_choice_applies_to_ops_that_have_it():
 
 def test_named_backend_that_cannot_run_says_why():
     from uniformer_fast.ops import backend as registry
-    registry.define_op("_probe", auto={"cpu": ("cpp", "reference")})
+    registry.define_op("_probe", auto={"cpu": ("cpp", "reference")}, prepare=lambda x: (x,))
     registry.register("_probe", "reference")(lambda x: x + 1)
     registry.register("_probe", "cpp", why_not=lambda x: "needs an even size" if x.numel() % 2 else None)(
         lambda x: x + 2)
@@ -137,6 +137,24 @@ def test_named_backend_that_cannot_run_says_why():
     # "auto" takes the first capable backend in the op's order for the device.
     assert registry.resolve("_probe", "auto", odd.device, odd)[0] == "reference"
     assert registry.resolve("_probe", "auto", even.device, even)[0] == "cpp"
+    # dispatch runs what backend_for names, for any op, without the op's own probe.
+    assert registry.backend_for("_probe", odd) == "reference" and registry.backend_for("_probe", even) == "cpp"
+    assert torch.equal(registry.dispatch("_probe", None, odd), odd + 1)
+    assert torch.equal(registry.dispatch("_probe", None, even), even + 2)
+    with pytest.raises(BackendUnavailableError, match="cannot run this call: needs an even size"):
+        registry.backend_for("_probe", odd, backend="cpp")
+
+
+def test_backend_for_names_the_backend_a_call_takes():
+    """ops.backend_for takes the op's function or name, validates as the call would, runs nothing."""
+    x, w = torch.randn(1, 2, 3, 3, 3), torch.randn(2, 1, 3, 3, 3)
+    with ops.use_backend("reference"):
+        assert ops.backend_for(ops.dwconv3d, x, w) == ops.backend_for("dwconv3d", x, w) == "reference"
+    assert ops.backend_for(ops.attention, torch.randn(1, 4, 12), 1, backend="sdpa") == "sdpa"
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.backend_for(ops.dwconv3d, x, w[:1])
+    with pytest.raises(ValueError, match="op must be one of"):
+        ops.backend_for("conv", x, w)
 
 
 def test_triton_availability_reason():

@@ -48,7 +48,7 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = Non
     return _backend.dispatch("attention", backend, qkv, num_heads, scale, dropout_p)
 
 
-def _prepare(qkv, num_heads, scale, dropout_p):
+def _prepare(qkv, num_heads, scale=None, dropout_p=0.0):
     (qkv,) = _backend.autocast_inputs(qkv)
     _validate(qkv, num_heads, scale, dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)

@@ -61,7 +61,8 @@ def _check_name(name, argname="backend"):
 
 def define_op(name: str, *, auto: dict, prepare: Callable[..., tuple]) -> None:
     """Declare an op, its ``"auto"`` preference per device type (``"cuda"``, ``"cpu"``, ...) and its
-    ``prepare(*args, **kwargs)``: the public call's arguments (without ``backend``) -> the tuple
+    ``prepare(*args, **kwargs)``: the public call's arguments (without ``backend``; the same names
+    and defaults as the public function) -> the tuple
     of positional arguments every implementation and ``why_not`` takes, after autocast and
     validation (raising ValueError/TypeError for bad input)."""
     for order in auto.values():

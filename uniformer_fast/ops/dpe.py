@@ -55,7 +55,7 @@ def dpe_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return _backend.dispatch("dpe_layernorm", backend, x, weight, bias, ln_weight, ln_bias, eps)
 
 
-def _prepare(x, weight, bias, ln_weight, ln_bias, eps):
+def _prepare(x, weight, bias, ln_weight, ln_bias, eps=1e-6):
     x, weight, bias, ln_weight, ln_bias = _backend.autocast_inputs(x, weight, bias, ln_weight, ln_bias)
     _validate(x, weight, bias, ln_weight, ln_bias, eps)
     return x, weight, bias, ln_weight, ln_bias, float(eps)

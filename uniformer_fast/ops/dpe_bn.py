@@ -43,7 +43,7 @@ def dpe_bn_stats(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return _backend.dispatch("dpe_bn_stats", backend, x, weight, bias)
 
 
-def _prepare(x, weight, bias):
+def _prepare(x, weight, bias=None):
     x, weight, bias = _backend.autocast_inputs(x, weight, bias)
     _validate_dwconv3d(x, weight, bias, True)
     return x, weight, bias

@@ -51,7 +51,7 @@ def dwconv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return _backend.dispatch("dwconv3d", backend, x, weight, bias, residual)
 
 
-def _prepare(x, weight, bias, residual):
+def _prepare(x, weight, bias=None, residual=False):
     x, weight, bias = _backend.autocast_inputs(x, weight, bias)
     _validate(x, weight, bias, residual)
     return x, weight, bias, residual

@@ -67,7 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return _backend.dispatch("linear", backend, x, weight, bias, activation)
 
 
-def _prepare(x, weight, bias, activation):
+def _prepare(x, weight, bias=None, activation=None):
     x, weight, bias = _backend.autocast_inputs(x, weight, bias)
     _validate(x, weight, bias, activation)
     return x, weight, bias, activation

@@ -71,7 +71,7 @@ def _validate(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual, bra
         raise ValueError(f"u must not be empty; got shape {tuple(u.shape)}")
 
 
-def _prepare(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual, branch_scale):
+def _prepare(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual=None, branch_scale=None):
     args = _backend.autocast_inputs(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual, branch_scale)
     _validate(*args)
     return args
