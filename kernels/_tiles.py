@@ -33,7 +33,7 @@ def why_not_shape(shape, max_channels: "int | None" = None) -> "str | None":
     ``max_channels``."""
     B, C, T, H, W = shape
     if max_channels is not None and C > max_channels:
-        return f"C must be at most {max_channels} (one program holds all channels of its positions); got {C}"
+        return f"one program holds all channels of its positions: C must be at most {max_channels}; got {C}"
     if T * H * W >= 2 ** 31:
         return f"T * H * W must be below 2**31; got {T * H * W}"
     if B > 65535:
