@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, _tiles, check_channel_stride, dense
-from ._tiles import block_c, is_given, num_sms, split_token, strided_offset
+from ._tiles import block_c, is_given, num_sms
 from .dwconv3d import conv_tile
 
 # One program holds all channels of its positions; the block configs are compiled (without
@@ -157,6 +157,8 @@ def dpe_layernorm_bwd_ln_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
+    HW = H * W
+    THW = T * HW
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
     lnw = tl.load(lnw_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
@@ -167,19 +169,25 @@ def dpe_layernorm_bwd_ln_kernel(
         tok = (pid_g * tiles_per_prog + i).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = tok < num_tokens
         mask = p_mask[:, None] & c_mask[None, :]
-        b, t, h, w = split_token(tok, T, H, W)
+        # Decoded inline, not with _tiles.split_token: with it, Triton 3.9 spilled 8 bytes on
+        # sm_90 (float32, BLOCK_C 32, no dy); this form compiles clean (tests/test_dpe.py).
+        b = tok // THW
+        p = tok % THW
+        t = p // HW
+        h = (p // W) % H
+        w = p % W
         mean = tl.load(mean_ptr + tok, mask=p_mask, other=0.0)
         rstd = tl.load(rstd_ptr + tok, mask=p_mask, other=0.0)
         yv = tl.load(y_ptr + (tok * C)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
         x_hat = tl.where(mask, (yv - mean[:, None]) * rstd[:, None], 0.0)
-        dz_off = strided_offset(b, t, h, w, stride_dzb, stride_dzt, stride_dzh, stride_dzw)
+        dz_off = b * stride_dzb + t * stride_dzt + h * stride_dzh + w * stride_dzw  # tok is int64
         dz = tl.load(dz_ptr + dz_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
         g = dz * lnw[None, :]
         c1 = tl.sum(g * x_hat, axis=1) / C
         c2 = tl.sum(g, axis=1) / C
         d = rstd[:, None] * (g - c2[:, None] - x_hat * c1[:, None])
         if HAS_DY:
-            dy_off = strided_offset(b, t, h, w, stride_dyb, stride_dyt, stride_dyh, stride_dyw)
+            dy_off = b * stride_dyb + t * stride_dyt + h * stride_dyh + w * stride_dyw
             d += tl.load(dy_ptr + dy_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dyt_ptr + (tok * C)[:, None] + c[None, :], d.to(dyt_ptr.dtype.element_ty), mask=mask)
         acc_w += dz * x_hat
