@@ -14,7 +14,6 @@ the unused branch is not compiled.
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 
@@ -24,6 +23,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Odd kernel sizes up to 7 per dimension: a row of KW taps is unrolled, and every launcher's
 # configs are compiled for KW = 7 without spills.
 MAX_KERNEL = 7
+# The kernels whose programs hold all channels of their positions take at most this many (the
+# reasons are at each module's MAX_CHANNELS); the others take any C.
+MAX_CHANNELS = {"dpe": 1024, "local_mhra": 128}
 
 
 def why_not_shape(shape, max_channels: "int | None" = None) -> "str | None":
@@ -53,11 +55,10 @@ def why_not_inputs(kernels: str, name: str, x: torch.Tensor, *others) -> "str | 
     """The ops' check before a tiled kernel runs: None if ``kernels/<kernels>.py`` can run on x
     (the (B, C, T, H, W) activation, called ``name`` in messages) and the other tensors here, else
     the first reason it cannot: Triton and the devices (:func:`why_not_triton`), x's dtype, then
-    x's shape against that module's ``why_not_shape``."""
-    reason = why_not_triton(x, *others) or why_not_dtype(name, x)
-    if reason is not None:
-        return reason
-    return importlib.import_module(f"{__package__}.{kernels}").why_not_shape(x.shape)
+    x's shape against that module's limits (:data:`MAX_CHANNELS`). Plain lookups, no import: this
+    runs inside torch.compile's trace of every op."""
+    return (why_not_triton(x, *others) or why_not_dtype(name, x)
+            or why_not_shape(x.shape, MAX_CHANNELS.get(kernels)))
 
 
 def block_c(n: int) -> int:

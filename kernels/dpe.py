@@ -43,7 +43,7 @@ from .dwconv3d import conv_tile
 # One program holds all channels of its positions; the block configs are compiled (without
 # spills, tests/test_dpe.py) up to 1024 channels. Wider C is refused (why_not_shape), so "auto"
 # takes the reference.
-MAX_CHANNELS = 1024
+MAX_CHANNELS = _tiles.MAX_CHANNELS["dpe"]
 why_not_shape = functools.partial(_tiles.why_not_shape, max_channels=MAX_CHANNELS)
 # BLOCK_P * BLOCK_C elements per program: 4096, i.e. 16 float32 accumulator registers per thread
 # at 8 warps (the dwconv3d forward's budget), at most 64 positions for narrow channel blocks.

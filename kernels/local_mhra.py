@@ -50,7 +50,7 @@ from .attention import dot_precision, matmul_kind
 
 # One program holds all channels; beyond 128 the (BLOCK_C x BLOCK_C) projection tile and the
 # float32 accumulator no longer fit a program (UniFormer's CBlocks have C = 64 and 128).
-MAX_CHANNELS = 128
+MAX_CHANNELS = _tiles.MAX_CHANNELS["local_mhra"]
 why_not_shape = functools.partial(_tiles.why_not_shape, max_channels=MAX_CHANNELS)
 
 # GPU launch configs per matmul kind (kernels/attention.py's matmul_kind), keyed by BLOCK_C. Picked

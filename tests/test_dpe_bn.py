@@ -14,6 +14,7 @@ shapes that still cross every edge (C not a power of two and wider than the inte
 """
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -239,7 +240,9 @@ def test_cblock_train_triton_matches_reference(momentum, device, assert_close, m
     for op in ("dpe_bn_stats", "local_mhra_tail_bn_stats"):
         real = getattr(ops, op)
         calls = spy[op] = []
-        monkeypatch.setattr(ops, op, lambda *a, _real=real, _calls=calls, **k: _calls.append(1) or _real(*a, **k))
+        # wraps: the spy keeps the op's name, by which ops.backend_for knows it.
+        monkeypatch.setattr(ops, op, functools.wraps(real)(
+            lambda *a, _real=real, _calls=calls, **k: _calls.append(1) or _real(*a, **k)))
     xs = [make_x((2, 20, 2, 3, 3), torch.float32, "channels_last", device) + i for i in range(2)]
     got, fused_calls = _cblock_steps(blk, xs, "triton", spy)
     expected, ref_calls = _cblock_steps(ref_blk, [x.double() for x in xs], "reference", spy)

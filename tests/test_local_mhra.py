@@ -203,11 +203,12 @@ def _spy(monkeypatch):
 
 
 @pytest.mark.parametrize("training,drop_path,fused", [
-    (False, 0.0, True), (True, 0.0, True), (False, 0.3, True), (True, 0.3, False),
+    (False, 0.0, True), (True, 0.0, True), (False, 0.3, True), (True, 0.3, True),
 ])
 def test_cblock_uses_the_fused_tail(training, drop_path, fused, monkeypatch, assert_close):
-    """Without an active stochastic depth the block calls ops.local_mhra_tail, with the same
-    result as the unfused composition; with one, the branch is scaled before the add (unfused)."""
+    """The block calls ops.local_mhra_tail in eval and in training, with or without an active
+    stochastic depth (whose scale the op applies before the add), with the result of the unfused
+    composition and the same dropped samples."""
     from uniformer_fast.model import CBlock
     calls = _spy(monkeypatch)
     block = CBlock(16, drop_path=drop_path).train(training)
