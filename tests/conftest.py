@@ -54,6 +54,20 @@ TEST_DEVICE = os.environ.get("UNIFORMER_FAST_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture
+def gpu_kernels(monkeypatch):
+    """``gpu_kernels(name)``: the module ``uniformer_fast.kernels.<name>`` with its launchers making
+    their GPU choices (block sizes, warps), also when the tests run under the interpreter: what
+    the ahead-of-time compile tests compile."""
+    import importlib
+
+    def load(name):
+        module = importlib.import_module(f"uniformer_fast.kernels.{name}")
+        monkeypatch.setattr(module, "INTERPRET", False)
+        return module
+    return load
+
+
+@pytest.fixture
 def device():
     """The device kernel tests run on: ``$UNIFORMER_FAST_TEST_DEVICE`` (``cpu`` unless set)."""
     if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():

@@ -223,11 +223,8 @@ COMPILE_CHANNELS = (16, 32, 64, 128, 160, 320, 512, 1024)
 
 
 @pytest.fixture
-def gpu_configs(monkeypatch):
-    """The launcher's GPU choices, also when the tests run under the interpreter."""
-    from uniformer_fast.kernels import dpe as K
-    monkeypatch.setattr(K, "INTERPRET", False)
-    return K
+def gpu_configs(gpu_kernels):
+    return gpu_kernels("dpe")
 
 
 @needs_triton

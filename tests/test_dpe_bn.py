@@ -337,11 +337,8 @@ PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
 @pytest.fixture
-def gpu_configs(monkeypatch):
-    """The launchers' GPU choices, also when the tests run under the interpreter."""
-    from uniformer_fast.kernels import bn_stats as K
-    monkeypatch.setattr(K, "INTERPRET", False)
-    return K
+def gpu_configs(gpu_kernels):
+    return gpu_kernels("bn_stats")
 
 
 @needs_triton

@@ -24,9 +24,8 @@ CHANNELS = [pytest.param(block_c, id=f"C{block_c}") for block_c in K.GPU_BLOCKS]
 
 
 @pytest.fixture
-def gpu_configs(monkeypatch):
-    """The launchers' GPU choices, also when the tests run under the interpreter."""
-    monkeypatch.setattr(K, "INTERPRET", False)
+def gpu_configs(gpu_kernels):
+    return gpu_kernels("dwconv3d")
 
 
 def _split(cfg):

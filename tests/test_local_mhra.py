@@ -286,9 +286,8 @@ def _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch, flags=(True, T
 
 
 @pytest.fixture
-def gpu_configs(monkeypatch):
-    """The launchers' GPU choices, also when the tests run under the interpreter."""
-    monkeypatch.setattr(K, "INTERPRET", False)
+def gpu_configs(gpu_kernels):
+    return gpu_kernels("local_mhra")
 
 
 @pytest.mark.parametrize("arch", (80, 90))
