@@ -129,9 +129,31 @@ def test_dwconv3d_cpp_auto_picks_cpp_for_cpu_float32():
     assert name == "reference"  # float64 is not a cpp dtype: auto moves on, silently and correctly
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dwconv3d_cpp_half_precision(dtype, layout, assert_close):
+    # Autocast's dtypes: computed in float32 by the kernels, rounded once; gradients flow to the
+    # half-precision leaves through the conversions.
+    x64, w64, b64, x32, _, _ = _inputs((2, 12, 3, 5, 7), (3, 3, 3), True, layout)
+    x, w, b = (t.detach().to(dtype).requires_grad_() for t in (x32, w64, b64))
+    y = ops.dwconv3d(x, w, b, residual=True, backend="cpp")
+    assert y.dtype == dtype and y.shape == x.shape
+    gy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(gy.to(dtype))
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr = ops.dwconv3d(xr, wr, br, residual=True, backend="reference")
+    yr.backward(gy.to(dtype).double())
+    for name, got, ref in (("y", y, yr), ("dx", x.grad, xr.grad), ("dweight", w.grad, wr.grad),
+                           ("dbias", b.grad, br.grad)):
+        assert got.dtype == dtype, name
+        assert_close(got, ref, dtype=dtype, name=name)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        assert ops.backend_for(ops.dwconv3d, x32, w64.float(), b64.float(), residual=True) == "cpp"
+
+
 def test_dwconv3d_cpp_by_name_rejects_other_dtypes():
     x = torch.randn(1, 4, 2, 3, 3, dtype=torch.float64)
-    with pytest.raises(BackendUnavailableError, match="float32"):
+    with pytest.raises(BackendUnavailableError, match="float32, bfloat16 and float16; got torch.float64"):
         ops.dwconv3d(x, torch.randn(4, 1, 3, 3, 3, dtype=torch.float64), backend="cpp")
 
 

@@ -54,8 +54,36 @@ def test_auto_uses_cpp_for_inference_and_reference_for_training(assert_close):
     assert_close(w.grad, w64.grad)
     with pytest.raises(BackendUnavailableError, match="inference only"):
         ops.linear(x, w, b, backend="cpp")
-    with pytest.raises(BackendUnavailableError, match="float32 only"), torch.no_grad():
+    with pytest.raises(BackendUnavailableError, match="float32, bfloat16 and float16; got torch.float64"), \
+            torch.no_grad():
         ops.linear(x.double(), w.double(), backend="cpp")
+
+
+# Each half-precision dtype on both of the "cpp" backend's paths: oneDNN in that dtype (only where
+# this CPU runs it natively) and float32 compute rounded once (what CPUs without bf16/fp16 get).
+_HALF_PATHS = [pytest.param(dtype, native, id=f"{str(dtype)[6:]}-{'native' if native else 'via-float32'}",
+                            marks=pytest.mark.skipif(native and dtype not in linear_mod.ONEDNN_NATIVE_DTYPES,
+                                                     reason=f"this CPU has no native oneDNN {dtype}"))
+               for dtype in (torch.bfloat16, torch.float16) for native in (True, False)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype,native", _HALF_PATHS)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_cpp_half_precision(dtype, native, activation, monkeypatch, assert_close):
+    natives = linear_mod.ONEDNN_NATIVE_DTYPES | {dtype} if native else linear_mod.ONEDNN_NATIVE_DTYPES - {dtype}
+    monkeypatch.setattr(linear_mod, "ONEDNN_NATIVE_DTYPES", natives)
+    x = torch.randn(2, 3, 5, 4, 72).to(memory_format=torch.channels_last_3d)[:, 1:]  # strided rows
+    w, b = torch.randn(37, 72), torch.randn(37)
+    with torch.no_grad():
+        y = ops.linear(x.to(dtype), w.to(dtype), b.to(dtype), activation=activation, backend="cpp")
+        with torch.autocast("cpu", dtype=dtype):  # the model's route: auto takes "cpp" in any dtype
+            assert ops.backend_for(ops.linear, x, w, b, activation=activation) == "cpp"
+            y_auto = ops.linear(x, w, b, activation=activation)
+    ref = reference64(x.to(dtype), w.to(dtype), b.to(dtype), activation)
+    for got in (y, y_auto):
+        assert got.dtype == dtype and got.shape == (2, 2, 5, 4, 37)
+        assert_close(got, ref, dtype=dtype)
 
 
 def test_reference_and_autocast(assert_close):

@@ -216,6 +216,34 @@ def test_fuse_for_inference_keeps_outputs(dtype, rtol, assert_close):
         model.train()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("std", [False, True])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_cpu_inference_path_matches_official(dtype, std, fuse, assert_close):
+    # The CPU serving path: "auto" (oneDNN matmuls, C++ depthwise convolutions, SDPA), the patch
+    # embeddings as matmuls over gathered patches, in float32 or under CPU autocast.
+    torch.manual_seed(2)
+    cfg = dict(TINY, std=std)
+    model = randomize(uf.UniFormer(**cfg)).eval()
+    official = OfficialUniFormer(**cfg).double().eval()
+    official.load_state_dict(model.state_dict(), strict=True)
+    if fuse:
+        model.fuse_for_inference()
+    conv_calls = []
+    for embed, _ in model.stages():
+        embed.proj.register_forward_hook(lambda *args: conv_calls.append(args[0]))
+    x = torch.randn(2, 3, 5, 64, 96)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        y = model(x)
+    assert y.dtype == dtype and not conv_calls
+    with torch.no_grad():
+        expected = official(x.double())
+    assert_close(y, expected, dtype=dtype, name="logits")
+    with torch.no_grad(), uf.ops.use_backend("reference"):  # the official computation: Conv3d
+        model(x)
+    assert len(conv_calls) == 4
+
+
 def test_fuse_for_inference_needs_eval_mode():
     with pytest.raises(RuntimeError, match="needs eval mode"):
         uf.UniFormer(**TINY).fuse_for_inference()

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import ops
@@ -255,8 +256,22 @@ class SplitSABlock(nn.Module):
         return s.transpose(1, 2).reshape(B, C, T, H, W)
 
 
+def _patches(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """x (B, C, T, H, W) -> the Conv3d's input patches (B, T', H', W', kt * kh * kw * C), each
+    patch tap-major with channels innermost (contiguous runs of a channels-last x)."""
+    (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = kernel, stride, padding
+    if pt or ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph, pt, pt))
+    p = x.unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw, sw)  # (B, C, T', H', W', kt, kh, kw)
+    return p.permute(0, 2, 3, 4, 5, 6, 7, 1).flatten(4)
+
+
 class PatchEmbed(nn.Module):
-    """Strided Conv3d then LayerNorm over channels; the output is channels-last in memory."""
+    """Strided Conv3d then LayerNorm over channels; the output is channels-last in memory.
+
+    On the CPU, with ``ops.linear`` on "auto" or "cpp", the convolution runs as a matmul over its gathered patches: the same sums, on the fast matmul (oneDNN's in
+    any autocast dtype) instead of ATen's 3-D convolution, whose CPU bfloat16 path is a slow loop.
+    """
 
     def __init__(self, in_chans: int, dim: int, kernel, stride, padding):
         super().__init__()
@@ -264,7 +279,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_chans, dim, kernel, stride, padding)
 
     def forward(self, x):
-        x = self.proj(x).permute(0, 2, 3, 4, 1)
+        proj = self.proj
+        if x.device.type == "cpu" and ops.get_backend("linear") in ("auto", "cpp"):
+            rows = _patches(x, proj.kernel_size, proj.stride, proj.padding)
+            weight = proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # taps-major, channels inner, as rows
+            x = ops.linear(rows, weight, proj.bias)
+        else:
+            x = proj(x).permute(0, 2, 3, 4, 1)
         return self.norm(x).permute(0, 4, 1, 2, 3)
 
 

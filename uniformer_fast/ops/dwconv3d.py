@@ -83,8 +83,8 @@ def _cpp_why_not(x, weight, bias, residual):
         return _CPP_IMPORT_ERROR
     if x.device.type != "cpu":
         return f"needs CPU tensors; got {x.device.type}"
-    if x.dtype != torch.float32:
-        return f"supports float32 only; got {x.dtype}"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"supports float32, bfloat16 and float16; got {x.dtype}"
     return None
 
 
@@ -183,8 +183,15 @@ class _DWConv3dCpp(torch.autograd.Function):
 
 @_backend.register("dwconv3d", "cpp", why_not=_cpp_why_not)
 def dwconv3d_cpp(x, weight, bias=None, residual=False):
-    """The "cpp" backend: x (B, C, T, H, W) float32 on the CPU, any memory format (read in place if
-    its channel stride is 1, else converted once); returns (B, C, T, H, W) channels_last_3d."""
+    """The "cpp" backend: x (B, C, T, H, W) on the CPU, any memory format (read in place if its
+    channel stride is 1, else converted once); returns (B, C, T, H, W) channels_last_3d.
+
+    The kernels compute in float32; bfloat16 and float16 inputs (autocast) are converted on the
+    way in and the result rounded once on the way out, differentiably. ATen's own half-precision
+    3-D convolution on the CPU is a direct loop tens of times slower than these passes."""
+    if x.dtype != torch.float32:
+        y = dwconv3d_cpp(_channels_last(x).float(), weight.float(), None if bias is None else bias.float(), residual)
+        return y.to(x.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _DWConv3dCpp.apply(x, weight, bias, residual)
     return dwconv3d_cpp_fwd(_channels_last(x), weight, bias, residual, False)  # inference: no autograd bookkeeping
