@@ -108,3 +108,27 @@ def test_reference_and_autocast(assert_close):
 def test_bad_input(args, kwargs, err, match):
     with pytest.raises(err, match=match):
         ops.linear(*args, **kwargs)
+
+
+@needs_onednn
+@pytest.mark.skipif(linear_mod._REORDER is None, reason="no oneDNN weight reorder in this torch")
+def test_cpp_packs_each_parameter_once_and_repacks_after_a_write(assert_close):
+    conv = torch.nn.Conv3d(24, 40, 1)  # the model's 1x1x1 convs pass a view of the parameter
+    x = torch.randn(2, 3, 33, 24)
+    with torch.no_grad():
+        y = ops.linear(x, conv.weight.flatten(1), conv.bias, backend="cpp")
+        (packed,) = linear_mod._PACKED[conv.weight].values()
+        y_again = ops.linear(x[:, :1], conv.weight.flatten(1), conv.bias, backend="cpp")  # other rows: same pack
+        assert linear_mod._PACKED[conv.weight][next(iter(linear_mod._PACKED[conv.weight]))] is packed
+        assert_close(y, reference64(x, conv.weight.flatten(1), conv.bias, None))
+        assert_close(y_again, reference64(x[:, :1], conv.weight.flatten(1), conv.bias, None))
+        conv.weight.mul_(-2.0)  # an in-place write (as load_state_dict makes): the pack is stale
+        y_new = ops.linear(x, conv.weight.flatten(1), conv.bias, backend="cpp")
+        assert_close(y_new, reference64(x, conv.weight.flatten(1), conv.bias, None))
+        # A plain tensor (not a parameter) is never cached: it may be a temporary.
+        w = torch.randn(40, 24)
+        assert_close(ops.linear(x, w, None, backend="cpp"), reference64(x, w, None, None))
+        assert w not in linear_mod._PACKED
+    ref = torch.utils.weak.WeakIdRef(conv.weight)
+    del conv
+    assert ref() is None  # the cache holds no reference to the parameter
