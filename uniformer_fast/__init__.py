@@ -2,9 +2,10 @@
 official Sense-X/UniFormer checkpoints."""
 from . import ops
 from .checkpoint import load_checkpoint
+from .export import export_onnx
 from .model import UniFormer, create_model, list_models, uniformer_base, uniformer_small
 
 __version__ = "0.1.0"
 
-__all__ = ["UniFormer", "create_model", "list_models", "load_checkpoint", "ops", "uniformer_base",
-           "uniformer_small", "__version__"]
+__all__ = ["UniFormer", "create_model", "export_onnx", "list_models", "load_checkpoint", "ops",
+           "uniformer_base", "uniformer_small", "__version__"]

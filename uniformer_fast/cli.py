@@ -1,7 +1,9 @@
-"""``python -m uniformer_fast`` / ``uniformer-fast``: benchmark the backends, classify a video.
+"""``python -m uniformer_fast`` / ``uniformer-fast``: benchmark the backends, classify a video,
+export a model to ONNX.
 
     uniformer-fast bench                          # UniFormer-S, random weights, a 16x224 clip
     uniformer-fast classify clip.mp4 --weights uniformer_small_k400_16x4.pth --labels k400.txt
+    uniformer-fast export --weights uniformer_small_k400_16x4.pth --out uniformer_small.onnx
 
 Errors (bad arguments, a missing file, an undecodable video) print one line and exit non-zero.
 """
@@ -23,6 +25,7 @@ import torch
 
 from . import ops
 from .checkpoint import load_checkpoint, read_state_dict
+from .export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
 from .model import create_model, list_models
 
 PROG = "uniformer-fast"
@@ -364,9 +367,34 @@ def _classify(args):
     return 0
 
 
+def _export(args):
+    sd = read_state_dict(args.weights)
+    head = sd.get("head.weight")
+    num_classes = args.num_classes
+    if num_classes is None:
+        if head is None:
+            raise CLIError(f"{args.weights} has no classifier head (head.weight): pass --num-classes "
+                           f"(0 exports the pooled features)")
+        num_classes = head.shape[0]
+    elif head is not None and head.shape[0] != num_classes:  # load_checkpoint would keep a random head
+        raise CLIError(f"{args.weights} classifies {head.shape[0]} classes but --num-classes is {num_classes}")
+    model = create_model(args.model, num_classes=num_classes)
+    load_checkpoint(model, sd)
+    batch = "1" if args.static_batch else "batch"
+    shape = f"({batch}, {model.in_chans}, {args.frames}, {args.size}, {args.size})"
+    print(f"exporting {args.model} ({num_classes} classes) to {args.out}: video {shape}, opset {args.opset}",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    path = export_onnx(model, args.out, frames=args.frames, size=args.size,
+                       dynamic_batch=not args.static_batch, opset=args.opset)
+    print(f"wrote {path} ({_fmt_bytes(os.path.getsize(path))}) in {time.perf_counter() - t0:.1f} s: "
+          f"video {shape} float32 -> logits ({batch}, {num_classes or model.num_features})")
+    return 0
+
+
 def build_parser():
     parser = Parser(prog=PROG, description="UniFormer video model with fused kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,classify}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,classify,export}")
     bench = sub.add_parser("bench", help="time each backend on a synthetic clip (default command)")
     bench.add_argument("--model", choices=list_models(), default="uniformer_small")
     bench.add_argument("--frames", type=int_at_least(1), default=16)
@@ -393,6 +421,17 @@ def build_parser():
     classify.add_argument("--size", type=int_at_least(32), default=224)
     classify.add_argument("--top", type=int_at_least(1), default=5)
     classify.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    export = sub.add_parser("export", help="write the model as an ONNX file (plain ONNX ops, for ONNX Runtime etc.)")
+    export.add_argument("--weights", required=True, help="checkpoint file (.pth or .safetensors)")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--model", choices=list_models(), default="uniformer_small")
+    export.add_argument("--num-classes", type=int_at_least(0), default=None,
+                        help="default: the weights' head; 0: output the pooled features")
+    export.add_argument("--frames", type=int_at_least(1), default=16)
+    export.add_argument("--size", type=int_at_least(32), default=224)
+    export.add_argument("--static-batch", action="store_true", help="batch fixed at 1 (default: dynamic)")
+    export.add_argument("--opset", type=int, choices=range(MIN_OPSET, MAX_OPSET + 1), default=DEFAULT_OPSET,
+                        metavar=f"{{{MIN_OPSET}..{MAX_OPSET}}}", help=f"ONNX opset (default {DEFAULT_OPSET})")
     return parser
 
 
@@ -413,4 +452,6 @@ def _run(argv):
         if bad or not args.backends:
             raise UsageError(f"--backends: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(ROWS)}")
         return _bench(args)
+    if args.command == "export":
+        return _export(args)
     return _classify(args)
