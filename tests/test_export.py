@@ -112,6 +112,9 @@ def test_graph_is_plain_onnx(dynamic_export):
     assert {node.domain for node in graph.graph.node} <= {"", "ai.onnx"}
     assert not graph.functions  # no local functions standing in for custom ops
     assert {"Conv", "Softmax", "MatMul"} <= {node.op_type for node in graph.graph.node}
+    # No trace of the exporting machine: the exporter's per-node Python stacks are dropped.
+    assert not any(node.metadata_props for node in graph.graph.node)
+    assert os.path.dirname(uf.__file__).encode() not in path.read_bytes()
 
 
 def test_static_batch_runs_batch_1_and_rejects_batch_3(static_fused_export):

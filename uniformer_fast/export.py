@@ -164,6 +164,11 @@ def export_onnx(model: UniFormer, path: Union[str, os.PathLike], frames: int = 1
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in standard})
     if foreign:  # a backend other than "reference" leaked into the trace: a bug, never a file
         raise RuntimeError(f"the exported graph holds non-standard ops {', '.join(foreign)}; nothing written")
+    # The exporter notes each node's Python stack, absolute paths of this machine included: not
+    # for a file that is handed on.
+    for graph_nodes in (proto.graph.node, *(f.node for f in proto.functions)):
+        for node in graph_nodes:
+            del node.metadata_props[:]
     data = proto.SerializeToString()
     atomic_write(path, lambda f: f.write(data))
     return path
