@@ -216,12 +216,16 @@ def test_fuse_for_inference_keeps_outputs(dtype, rtol, assert_close):
         model.train()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,cpu_has_it", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False),
+                                              (torch.float16, True), (torch.float16, False)])
 @pytest.mark.parametrize("std", [False, True])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_cpu_inference_path_matches_official(dtype, std, fuse, assert_close):
+def test_cpu_inference_path_matches_official(dtype, cpu_has_it, std, fuse, monkeypatch, assert_close):
     # The CPU serving path: "auto" (oneDNN matmuls, C++ depthwise convolutions, SDPA), the patch
-    # embeddings as matmuls over gathered patches, in float32 or under CPU autocast.
+    # embeddings as matmuls over gathered patches, in float32 or under CPU autocast: in the
+    # autocast dtype where the CPU has instructions for it, else computed in float32.
+    monkeypatch.setattr(uf.ops, "cpu_native_dtypes",
+                        lambda: frozenset({torch.float32, dtype} if cpu_has_it else {torch.float32}))
     torch.manual_seed(2)
     cfg = dict(TINY, std=std)
     model = randomize(uf.UniFormer(**cfg)).eval()
@@ -229,13 +233,16 @@ def test_cpu_inference_path_matches_official(dtype, std, fuse, assert_close):
     official.load_state_dict(model.state_dict(), strict=True)
     if fuse:
         model.fuse_for_inference()
-    conv_calls = []
-    for embed, _ in model.stages():
+    conv_calls, block_dtypes = [], set()
+    for embed, blocks in model.stages():
         embed.proj.register_forward_hook(lambda *args: conv_calls.append(args[0]))
+        for blk in blocks:
+            blk.register_forward_hook(lambda m, i, out: block_dtypes.add(out.dtype))
     x = torch.randn(2, 3, 5, 64, 96)
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         y = model(x)
     assert y.dtype == dtype and not conv_calls
+    assert block_dtypes == {dtype if cpu_has_it else torch.float32}
     with torch.no_grad():
         expected = official(x.double())
     assert_close(y, expected, dtype=dtype, name="logits")

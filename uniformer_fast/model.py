@@ -408,8 +408,22 @@ class UniFormer(nn.Module):
             raise ValueError(f"x must have shape {form}; got {tuple(x.shape)}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_chans, T, H, W) -> the final feature map (B, embed_dim[-1], T', H/32, W/32)."""
+        """x: (B, in_chans, T, H, W) -> the final feature map (B, embed_dim[-1], T', H/32, W/32).
+
+        Under CPU autocast to a dtype this CPU has no instructions for (bfloat16 on AVX2, say:
+        ``ops.cpu_native_dtypes()``), the features are computed in float32, as OpenVINO does with
+        its bf16 hint there, and returned in the autocast dtype: emulated half-precision math is
+        slower than float32, and no more exact."""
         self._check_input(x)
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") not in ops.cpu_native_dtypes()):
+            dtype = torch.get_autocast_dtype("cpu")
+            with torch.autocast("cpu", enabled=False):
+                y = self._features(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x)
+            return y.to(dtype) if y.dtype == torch.float32 else y
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         for i, (embed, blocks) in enumerate(self.stages()):
             x = embed(x)
             if i == 0:

@@ -115,6 +115,12 @@ def _onednn_native_dtypes() -> frozenset:
 ONEDNN_NATIVE_DTYPES = _onednn_native_dtypes()
 
 
+def cpu_native_dtypes() -> frozenset:
+    """The floating dtypes this CPU's matmuls run natively: float32, plus bfloat16 / float16 where
+    it has instructions for them (AVX512-BF16, AMX, AVX512-FP16); elsewhere those are emulated."""
+    return ONEDNN_NATIVE_DTYPES
+
+
 def _cpp_why_not(x, weight, bias, activation):
     if _ONEDNN_LINEAR is None:
         return "this PyTorch build has no usable oneDNN linear (torch.ops.mkldnn._linear_pointwise)"
