@@ -42,6 +42,18 @@ def empty():
     return make
 
 
+@pytest.fixture
+def cpu_native_dtypes(monkeypatch):
+    """``set(*dtypes)``: make ``ops.cpu_native_dtypes()`` report float32 and ``dtypes``, so a model
+    under CPU autocast takes the path of a CPU with (or, with none given, without) instructions
+    for its dtype, whatever this CPU has."""
+    from uniformer_fast import ops
+
+    def set_(*dtypes):
+        monkeypatch.setattr(ops, "cpu_native_dtypes", lambda: frozenset({torch.float32, *dtypes}))
+    return set_
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -11,7 +11,8 @@ TINY = dict(depth=(1, 1, 2, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_cla
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_runs_low_precision(dtype):
+def test_autocast_runs_low_precision(dtype, cpu_native_dtypes):
+    cpu_native_dtypes(dtype)  # as on a CPU with instructions for dtype (else computed in float32)
     torch.manual_seed(0)
     model = uf.UniFormer(**TINY).eval()
     x = torch.randn(2, 3, 4, 64, 64)
@@ -26,7 +27,7 @@ def test_autocast_runs_low_precision(dtype):
 
 
 @pytest.mark.parametrize("fp32", [False, True])
-def test_attention_fp32_option(fp32, monkeypatch):
+def test_attention_fp32_option(fp32, monkeypatch, cpu_native_dtypes):
     seen = []
     real = ops.attention
 
@@ -35,6 +36,7 @@ def test_attention_fp32_option(fp32, monkeypatch):
         return real(qkv, *args, **kwargs)
 
     monkeypatch.setattr(ops, "attention", spy)
+    cpu_native_dtypes(torch.bfloat16)  # as on a CPU with bf16 instructions (else float32 throughout)
     model = uf.UniFormer(**TINY, split=True, attention_fp32=fp32).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 4, 64, 64))

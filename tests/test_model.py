@@ -220,12 +220,11 @@ def test_fuse_for_inference_keeps_outputs(dtype, rtol, assert_close):
                                               (torch.float16, True), (torch.float16, False)])
 @pytest.mark.parametrize("std", [False, True])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_cpu_inference_path_matches_official(dtype, cpu_has_it, std, fuse, monkeypatch, assert_close):
+def test_cpu_inference_path_matches_official(dtype, cpu_has_it, std, fuse, cpu_native_dtypes, assert_close):
     # The CPU serving path: "auto" (oneDNN matmuls, C++ depthwise convolutions, SDPA), the patch
     # embeddings as matmuls over gathered patches, in float32 or under CPU autocast: in the
     # autocast dtype where the CPU has instructions for it, else computed in float32.
-    monkeypatch.setattr(uf.ops, "cpu_native_dtypes",
-                        lambda: frozenset({torch.float32, dtype} if cpu_has_it else {torch.float32}))
+    cpu_native_dtypes(*([dtype] if cpu_has_it else []))
     torch.manual_seed(2)
     cfg = dict(TINY, std=std)
     model = randomize(uf.UniFormer(**cfg)).eval()
