@@ -269,8 +269,9 @@ def _patches(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
 class PatchEmbed(nn.Module):
     """Strided Conv3d then LayerNorm over channels; the output is channels-last in memory.
 
-    On the CPU, with ``ops.linear`` on "auto" or "cpp", the convolution runs as a matmul over its gathered patches: the same sums, on the fast matmul (oneDNN's in
-    any autocast dtype) instead of ATen's 3-D convolution, whose CPU bfloat16 path is a slow loop.
+    In CPU inference (no autograd), with ``ops.linear`` on "auto" or "cpp", the convolution runs as
+    a matmul over its gathered patches: the same sums, on the fast matmul (oneDNN's in any autocast
+    dtype) instead of ATen's 3-D convolution, whose CPU bfloat16 path is a slow loop.
     """
 
     def __init__(self, in_chans: int, dim: int, kernel, stride, padding):
@@ -280,7 +281,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         proj = self.proj
-        if x.device.type == "cpu" and ops.get_backend("linear") in ("auto", "cpp"):
+        # Inference only: training keeps ATen's convolution, whose backward inductor compiles
+        # soundly (the gathered patches' unfold backward aborted in inductor's 2-thread CPU code).
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and ops.get_backend("linear") in ("auto", "cpp"):
             rows = _patches(x, proj.kernel_size, proj.stride, proj.padding)
             weight = proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # taps-major, channels inner, as rows
             x = ops.linear(rows, weight, proj.bias)
