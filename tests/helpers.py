@@ -1,6 +1,8 @@
 """Input makers shared by the kernel tests (importable as ``helpers``: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 from uniformer_fast import ops
@@ -85,3 +87,55 @@ def assert_no_spills(r, what):
           f"LDG.E.128 {'LDG.E.128' in r['sass']} wgmma {'wgmma' in r['ptx']} mma.sync {'mma.sync' in r['ptx']}")
     assert r["local"] == 0 and r["stack"] == 0, \
         f"{what}: register spills ({r['regs']} regs, stack {r['stack']} B, local {r['local']} B)"
+
+
+# Videos whose frames carry their own index: bit b of the index is the b-th of ID_BITS vertical
+# stripes, white or black, which survives lossy coding and resizing.
+ID_BITS = 10
+
+
+def id_frame(i, h, w):
+    """uint8 (h, w, 3): the picture of frame ``i``."""
+    img = torch.zeros(h, w, 3, dtype=torch.uint8)
+    for b in range(ID_BITS):
+        if i >> b & 1:
+            img[:, b * w // ID_BITS:(b + 1) * w // ID_BITS] = 255
+    return img
+
+
+def frame_ids(frames):
+    """The indices drawn into uint8 (N, H, W, 3) frames by :func:`id_frame` (any size, upright)."""
+    w = frames.shape[2]
+    out = []
+    for f in frames:
+        out.append(sum(1 << b for b in range(ID_BITS)
+                       if f[:, b * w // ID_BITS:(b + 1) * w // ID_BITS].float().mean() > 127))
+    return out
+
+
+def write_id_video(path, num_frames, h=48, w=80, *, codec="libx264", gop=8, bframes=2, rate=25, pts=None,
+                   rotation=None, picture=id_frame):
+    """An ``num_frames`` video of :func:`id_frame` pictures (or ``picture(i, h, w)``). libx264 with
+    keyframes every ``gop`` frames and up to ``bframes`` B-frames (presentation order differs from
+    decoding order); ``pts``: per-frame timestamps in 1/``rate`` units (variable frame rate);
+    ``rotation``: a display rotation in degrees, counter-clockwise."""
+    import av
+    path = str(path)
+    options = {"g": str(gop), "bf": str(bframes), "crf": "12"} if codec == "libx264" else {"g": str(gop)}
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if codec == "mpeg4":
+            stream.bit_rate = 4_000_000
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(picture(i, h, w).numpy(), format="rgb24")
+            if pts is not None:
+                frame.pts = pts[i]
+                frame.time_base = Fraction(1, rate)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
