@@ -1,8 +1,10 @@
 """``python -m uniformer_fast`` / ``uniformer-fast``: benchmark the backends, classify a video,
-export a model to ONNX.
+evaluate a labelled list of videos, extract clip features, export a model to ONNX.
 
     uniformer-fast bench                          # UniFormer-S, random weights, a 16x224 clip
     uniformer-fast classify clip.mp4 --weights uniformer_small_k400_16x4.pth --labels k400.txt
+    uniformer-fast evaluate val.csv --weights uniformer_small_k400_16x4.pth --views 4 --out eval/
+    uniformer-fast extract videos/ --weights uniformer_small_k400_16x4.pth --out features/
     uniformer-fast export --weights uniformer_small_k400_16x4.pth --out uniformer_small.onnx
 
 Errors (bad arguments, a missing file, an undecodable video) print one line and exit non-zero.
@@ -367,6 +369,73 @@ def _classify(args):
     return 0
 
 
+def _load_model(args, num_classes=None):
+    """The model ``--model`` with ``--weights``, its class count from the checkpoint's head (0,
+    pooled features only, when it has none) unless given."""
+    sd = read_state_dict(args.weights)
+    head = sd.get("head.weight")
+    if num_classes is None:
+        num_classes = head.shape[0] if head is not None else 0
+    elif head is not None and head.shape[0] != num_classes:
+        raise CLIError(f"{args.weights} classifies {head.shape[0]} classes but {args.labels} names {num_classes}")
+    model = create_model(args.model, num_classes=num_classes)
+    load_checkpoint(model, sd)
+    return model.to(_device(args.device)).eval()
+
+
+def _default_workers():
+    return min(4, os.cpu_count() or 1)
+
+
+def _evaluate(args):
+    from .evaluation import evaluate, read_video_list
+
+    root = args.root if args.root is not None else (os.path.dirname(os.path.abspath(args.list)))
+    videos = read_video_list(args.list, root)
+    names = _read_labels(args.labels) if args.labels else None
+    model = _load_model(args, None if names is None else len(names))
+    if model.num_classes == 0:
+        raise CLIError(f"{args.weights} has no classifier head (head.weight): evaluate needs one")
+    views = f"{args.views} view{'s' * (args.views > 1)} x {args.crops} crop{'s' * (args.crops > 1)}"
+    print(f"evaluating {args.model} on {args.list}: {args.protocol} protocol, {views} of "
+          f"{args.frames}x{args.size}" + (f" every {args.sample_rate} frames" if args.protocol == "kinetics" else "")
+          + f", {args.workers} decoding workers", file=sys.stderr)
+    result = evaluate(model, videos, num_frames=args.frames, sample_rate=args.sample_rate,
+                      views=args.views, crops=args.crops, size=args.size, protocol=args.protocol,
+                      short_side=args.short_side, ensemble=args.ensemble, batch_size=args.batch,
+                      workers=args.workers, device=_device(args.device), precision=args.precision,
+                      out_dir=args.out, class_names=names, top=args.top, progress=not args.quiet)
+    print(result.summary())
+    print(result.stats.summary(), file=sys.stderr)
+    for key, error in result.failed[:10]:
+        print(f"  unreadable: {key}: {error}", file=sys.stderr)
+    if len(result.failed) > 10:
+        print(f"  ... and {len(result.failed) - 10} more" + (f" (see {args.out}/failed.csv)" if args.out else ""),
+              file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.out}/predictions.csv, failed.csv, metrics.json", file=sys.stderr)
+    return 0
+
+
+def _extract(args):
+    from .evaluation import extract, find_videos
+
+    videos = find_videos(args.source)
+    model = _load_model(args)
+    print(f"extracting {args.model} features of {args.source}: windows of {args.window} frames every "
+          f"{args.sample_rate}, stride {args.stride}, {args.size} px, {args.workers} decoding workers", file=sys.stderr)
+    result = extract(model, videos, args.out, window=args.window, stride=args.stride,
+                     sample_rate=args.sample_rate, size=args.size, batch_size=args.batch, workers=args.workers,
+                     device=_device(args.device), precision=args.precision, feature_map=args.feature_map,
+                     progress=not args.quiet)
+    print(f"{len(result.written)} videos written to {args.out}, {len(result.skipped)} done before, "
+          f"{len(result.failed)} unreadable")
+    print(result.stats.summary(), file=sys.stderr)
+    for key, error in result.failed:
+        print(f"  unreadable: {key}: {error}", file=sys.stderr)
+    return 0
+
+
 def _export(args):
     sd = read_state_dict(args.weights)
     head = sd.get("head.weight")
@@ -394,7 +463,7 @@ def _export(args):
 
 def build_parser():
     parser = Parser(prog=PROG, description="UniFormer video model with fused kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,classify,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,classify,evaluate,extract,export}")
     bench = sub.add_parser("bench", help="time each backend on a synthetic clip (default command)")
     bench.add_argument("--model", choices=list_models(), default="uniformer_small")
     bench.add_argument("--frames", type=int_at_least(1), default=16)
@@ -421,6 +490,45 @@ def build_parser():
     classify.add_argument("--size", type=int_at_least(32), default=224)
     classify.add_argument("--top", type=int_at_least(1), default=5)
     classify.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate = sub.add_parser("evaluate", help="accuracy on a labelled list of videos, the official multi-view test")
+    evaluate.add_argument("list", help="the official list: 'path label' lines (comma or space separated), or "
+                                       "'path num_frames label' (Something-Something)")
+    evaluate.add_argument("--weights", required=True, help="checkpoint file (.pth or .safetensors)")
+    evaluate.add_argument("--labels", default=None,
+                          help="class names (one per line, or a JSON list / {name: index} map), named in the output")
+    evaluate.add_argument("--root", default=None, help="prefix of the list's relative paths (default: its directory)")
+    evaluate.add_argument("--protocol", choices=("kinetics", "sth"), default="kinetics",
+                          help="temporal sampling: kinetics (dense clips) or sth (Something-Something segments)")
+    evaluate.add_argument("--views", type=int_at_least(1), default=4, help="temporal views per video")
+    evaluate.add_argument("--crops", type=int, choices=(1, 3), default=1, help="spatial crops per view")
+    evaluate.add_argument("--short-side", type=int_at_least(1), default=None,
+                          help="resize the short side to this before cropping (default: --size)")
+    evaluate.add_argument("--ensemble", choices=("softmax", "logits"), default="softmax",
+                          help="average the views' softmax scores (default) or logits (the official loop)")
+    evaluate.add_argument("--top", type=int_at_least(1), default=5, help="classes per video in predictions.csv")
+    evaluate.add_argument("--out", default=None, help="directory for the results; a rerun resumes there")
+    extract = sub.add_parser("extract", help="clip features of whole videos from a sliding window")
+    extract.add_argument("source", help="a video, a directory of videos (recursive) or a list file")
+    extract.add_argument("--weights", required=True, help="checkpoint file (.pth or .safetensors)")
+    extract.add_argument("--out", required=True, help="directory for <video>.npy and .json; a rerun resumes")
+    extract.add_argument("--window", type=int_at_least(1), default=16, help="frames per window")
+    extract.add_argument("--stride", type=int_at_least(1), default=16,
+                         help="window step, in sampled frames (default 16: windows side by side)")
+    extract.add_argument("--feature-map", action="store_true",
+                         help="also write each window's final feature map (<video>.map.npy)")
+    for p, frames_flag in ((evaluate, True), (extract, False)):
+        p.add_argument("--model", choices=list_models(), default="uniformer_small")
+        if frames_flag:
+            p.add_argument("--frames", type=int_at_least(1), default=16)
+        p.add_argument("--sample-rate", type=int_at_least(1), default=4, help="frame stride (16x4 models: 4)")
+        p.add_argument("--size", type=int_at_least(32), default=224)
+        p.add_argument("--batch", type=int_at_least(1), default=8, help="clips per model call")
+        p.add_argument("--workers", type=int_at_least(0), default=_default_workers(),
+                       help="decoding processes (0: decode in the main process; default %(default)s)")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                       help="auto: bf16 autocast on CUDA, float32 on the CPU")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
     export = sub.add_parser("export", help="write the model as an ONNX file (plain ONNX ops, for ONNX Runtime etc.)")
     export.add_argument("--weights", required=True, help="checkpoint file (.pth or .safetensors)")
     export.add_argument("--out", required=True, help="the .onnx file to write")
@@ -454,4 +562,8 @@ def _run(argv):
         return _bench(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "extract":
+        return _extract(args)
     return _classify(args)

@@ -409,13 +409,18 @@ def to_views(frames: torch.Tensor, size: int = 224, crops: int = 1, *, short_sid
 
 def load_views(path, num_frames: int = 16, sample_rate: int = 4, views: int = 1, crops: int = 1,
                size: int = 224, *, protocol: str = "kinetics", short_side: Optional[int] = None,
-               reader: Optional[VideoReader] = None) -> torch.Tensor:
+               reader: Optional[VideoReader] = None, total: Optional[int] = None) -> torch.Tensor:
     """All test views of one video: float32 ``(views * crops, 3, num_frames, size, size)``,
-    view-major (clip ``v * crops + c``), decoding only the frames the views use."""
+    view-major (clip ``v * crops + c``), decoding only the frames the views use.
+
+    ``reader``: an open :class:`VideoReader` to read from instead of opening ``path``; ``total``:
+    the frame count to sample over (default: all the video's frames; the Something-Something
+    lists give one)."""
     own = reader is None
     reader = VideoReader(path) if own else reader
     try:
-        per_view = [view_indices(len(reader), num_frames, sample_rate, v, views, protocol) for v in range(views)]
+        total = len(reader) if total is None else min(total, len(reader))
+        per_view = [view_indices(total, num_frames, sample_rate, v, views, protocol) for v in range(views)]
         frames = reader.get_frames(torch.cat(per_view))
     finally:
         if own:
