@@ -253,3 +253,133 @@ def test_cpu_inference_path_matches_official(dtype, cpu_has_it, std, fuse, cpu_n
 def test_fuse_for_inference_needs_eval_mode():
     with pytest.raises(RuntimeError, match="needs eval mode"):
         uf.UniFormer(**TINY).fuse_for_inference()
+
+
+# forward_intermediates: the stage outputs for detection / localisation heads.
+
+def official_stages(official, x):
+    """The official model's four stage outputs, by a loop over its modules (it exposes no stages)."""
+    outs = []
+    for i in range(4):
+        x = getattr(official, f"patch_embed{i + 1}")(x)
+        if i == 0:
+            x = official.pos_drop(x)
+        for blk in getattr(official, f"blocks{i + 1}"):
+            x = blk(x)
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("std", [False, True])
+def test_forward_intermediates_shapes_and_order(std):
+    model = randomize(uf.UniFormer(**TINY, std=std)).eval()
+    outputs = []
+    for blocks in (model.blocks1, model.blocks2, model.blocks3, model.blocks4):
+        blocks[-1].register_forward_hook(lambda m, i, out: outputs.append(out))
+    x = torch.randn(2, 3, 5, 64, 96)
+    with torch.no_grad():
+        feats = model.forward_intermediates(x)
+        assert all(f is out for f, out in zip(feats, outputs))  # each stage's own output, no copy
+        assert [tuple(f.shape) for f in feats] == [(2, 16, 3, 16, 24), (2, 32, 3, 8, 12), (2, 64, 3, 4, 6),
+                                                    (2, 64, 3, 2, 3)]
+        assert all(f.is_contiguous(memory_format=torch.channels_last_3d) for f in feats)
+        picked = model.forward_intermediates(x, [2, 0, 3])
+        negative = model.forward_intermediates(x, (-2, -4, -1))
+    assert len(picked) == 3 and len(negative) == 3
+    for a, b, i in zip(picked, negative, (2, 0, 3)):
+        assert torch.equal(a, feats[i]) and torch.equal(b, feats[i])
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad_reference", "eval_grad", "train", "bf16_native",
+                                  "bf16_emulated"])
+def test_forward_intermediates_last_stage_is_forward_features(mode, cpu_native_dtypes):
+    """Stage 3 with norm=True is forward_features(x), bitwise, on every path forward_features takes."""
+    cfg = dict(TINY, drop_path_rate=0.2, checkpoint_num=(1, 0, 1, 1)) if mode == "train" else TINY
+    model = randomize(uf.UniFormer(**cfg)).train(mode == "train")
+    x = torch.randn(2, 3, 4, 64, 64)
+    if mode.startswith("bf16"):
+        cpu_native_dtypes(*([torch.bfloat16] if mode == "bf16_native" else []))
+    ctx = {"inference": torch.inference_mode, "no_grad_reference": torch.no_grad,
+           "bf16_native": torch.inference_mode, "bf16_emulated": torch.inference_mode}.get(mode, torch.enable_grad)
+    dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
+    backend = "reference" if mode == "no_grad_reference" else "auto"
+    results = []
+    for fn in (model.forward_features, lambda x: model.forward_intermediates(x, (3,), norm=True)[0]):
+        torch.manual_seed(5)  # the same drop-path masks in training mode
+        with ctx(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), uf.ops.use_backend(backend):
+            results.append(fn(x))
+    expected, got = results
+    assert got.dtype == expected.dtype == dtype
+    assert torch.equal(got, expected)
+    assert got.requires_grad == (mode in ("eval_grad", "train"))
+    if mode.startswith("bf16"):  # every stage in the autocast dtype, computed in it only where native
+        seen = set()
+        for blocks in (model.blocks1, model.blocks2, model.blocks3, model.blocks4):
+            blocks[0].register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+            assert [f.dtype for f in model.forward_intermediates(x)] == [dtype] * 4
+        assert seen == {dtype if mode == "bf16_native" else torch.float32}
+    with torch.no_grad():  # norm=False: the same map without the final BatchNorm
+        raw = model.eval().forward_intermediates(x, (-1,))[0]
+        assert torch.equal(model.norm(raw), model.forward_features(x))
+
+
+@pytest.mark.parametrize("std,split,train", [(False, False, False), (True, False, False), (True, True, True)])
+def test_forward_intermediates_match_official(std, split, train, assert_close):
+    torch.manual_seed(3)
+    cfg = dict(TINY, std=std, split=split)
+    ours = randomize(uf.UniFormer(**cfg)).double().train(train)
+    official = OfficialUniFormer(**cfg).double().train(train)
+    official.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 5, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        expected = official_stages(official, x)
+        assert_close(official.norm(expected[3]), official.forward_features(x), name="official loop")
+    # Without autograd our patch embeddings run as matmuls (the CPU inference path), with it as Conv3d.
+    with torch.enable_grad() if train else torch.no_grad():
+        got = ours.forward_intermediates(x, (0, 1, 2, 3), norm=True)
+    assert all(f.requires_grad == train for f in got)
+    for i, (a, e) in enumerate(zip(got[:3], expected)):
+        assert_close(a, e, name=f"stage {i}")
+    assert_close(got[3], official.norm(expected[3]), name="stage 3 + norm")
+
+
+def test_forward_intermediates_gradients_and_early_stop():
+    model = randomize(uf.UniFormer(**TINY, checkpoint_num=(1, 0, 1, 0))).train()
+    ran = []
+    for name in ("patch_embed4", "blocks4", "norm", "head"):
+        getattr(model, name).register_forward_pre_hook(lambda m, args, name=name: ran.append(name))
+    x = torch.randn(2, 3, 4, 64, 64, requires_grad=True)
+    feats = model.forward_intermediates(x, (2, 0), norm=True)  # norm: no effect without stage 3
+    assert not ran, f"stages after the last requested one ran: {ran}"
+    sum(f.sum() for f in feats).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        reached = name.startswith(("patch_embed1.", "patch_embed2.", "patch_embed3.", "blocks1.", "blocks2.",
+                                   "blocks3."))
+        if reached:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None, name
+    assert model.blocks3[0].mlp.fc2.weight.grad.abs().sum() > 0  # through the checkpointed block
+
+
+@pytest.mark.parametrize("stages,err", [
+    ((), ValueError), ([], ValueError), ((4,), ValueError), ((0, -5), ValueError), ((1, 1), ValueError),
+    ((3, -1), ValueError), (3, TypeError), ("0", TypeError), (None, TypeError), ((1.0,), TypeError),
+    ((True,), TypeError), (("0",), TypeError), (torch.tensor([0, 1]), TypeError), ({0, 1}, TypeError),
+])
+def test_forward_intermediates_bad_stages(stages, err):
+    model = uf.UniFormer(**TINY)
+    with pytest.raises(err, match=r"stages must be a non-empty sequence of distinct stage indices in 0\.\.3"):
+        model.forward_intermediates(torch.randn(1, 3, 2, 32, 32), stages)
+
+
+def test_forward_intermediates_bad_arguments():
+    model = uf.UniFormer(**TINY)
+    with pytest.raises(TypeError, match="norm must be a bool"):
+        model.forward_intermediates(torch.randn(1, 3, 2, 32, 32), norm=1)
+    with pytest.raises(ValueError, match=r"shape \(B, 3, T, H, W\) with H, W >= 32; got \(1, 3, 2, 16, 32\)"):
+        model.forward_intermediates(torch.randn(1, 3, 2, 16, 32))
+    with pytest.raises(TypeError, match=r"torch.Tensor of shape"):
+        model.forward_intermediates([torch.randn(1, 3, 2, 32, 32)])

@@ -418,15 +418,76 @@ class UniFormer(nn.Module):
         its bf16 hint there, and returned in the autocast dtype: emulated half-precision math is
         slower than float32, and no more exact."""
         self._check_input(x)
+        return self._run_stages(x, (3,), True)[0]
+
+    def forward_intermediates(self, x: torch.Tensor, stages: Sequence[int] = (0, 1, 2, 3), *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """The feature map after each stage in ``stages``, for detection and localisation heads.
+
+        Stage ``i`` is patch embedding ``i + 1`` and then blocks ``i + 1``, computed exactly as
+        :meth:`forward_features` computes them (same code: CPU inference path, autocast handling,
+        gradient checkpointing), and only up to the highest stage requested: later stages do no
+        work. For a (B, 3, 16, 224, 224) input, UniFormer-S and -B give (``std`` or not)::
+
+            stage 0  (B,  64, 8, 56, 56)
+            stage 1  (B, 128, 8, 28, 28)
+            stage 2  (B, 320, 8, 14, 14)
+            stage 3  (B, 512, 8,  7,  7)
+
+        In general stage ``i`` is (B, embed_dim[i], T', H // 4 // 2**i, W // 4 // 2**i) with
+        ``T' = (T - 1) // 2 + 1``. Each map is the stage's own output, channels-last in memory
+        (``torch.channels_last_3d``), not a copy; under CPU autocast to a dtype the CPU lacks, they
+        are computed in float32 and returned in the autocast dtype, as forward_features does.
+
+        Args:
+            x: (B, in_chans, T, H, W) with H, W >= 32.
+            stages: distinct stage indices 0..3 (or -4..-1, counted from the last stage); the
+                result lists them in this order.
+            norm: apply the model's final norm (the BatchNorm3d that forward_features applies
+                after the last stage) to the stage-3 output, so that ``forward_intermediates(x,
+                (3,), norm=True)[0]`` equals ``forward_features(x)`` exactly. Earlier stages are
+                always returned without a norm (none exists for them); with stage 3 not
+                requested, ``norm`` has no effect.
+
+        Returns:
+            A list of (B, C_i, T_i, H_i, W_i) tensors, one per entry of ``stages``.
+        """
+        self._check_input(x)
+        stages = self._check_stages(stages)
+        if not isinstance(norm, bool):
+            raise TypeError(f"norm must be a bool (apply the final norm to the stage-3 output); "
+                            f"got {type(norm).__name__}")
+        return self._run_stages(x, stages, norm)
+
+    @staticmethod
+    def _check_stages(stages) -> tuple:
+        form = "a non-empty sequence of distinct stage indices in 0..3 (or -4..-1), e.g. (0, 1, 2, 3)"
+        if not isinstance(stages, Sequence) or isinstance(stages, (str, bytes)):
+            raise TypeError(f"stages must be {form}; got {type(stages).__name__} {stages!r}")
+        if not all(_is_int(i) for i in stages):
+            raise TypeError(f"stages must be {form}; got {stages!r}")
+        if not stages or not all(-4 <= i <= 3 for i in stages):
+            raise ValueError(f"stages must be {form}; got {stages!r}")
+        mapped = tuple(int(i) % 4 for i in stages)
+        if len(set(mapped)) != len(mapped):
+            raise ValueError(f"stages must be {form}; got {stages!r}, which names a stage twice")
+        return mapped
+
+    def _run_stages(self, x: torch.Tensor, stages: tuple, norm: bool) -> list[torch.Tensor]:
+        """:meth:`_features` under the model's CPU autocast policy (see forward_features)."""
         if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") not in ops.cpu_native_dtypes()):
             dtype = torch.get_autocast_dtype("cpu")
             with torch.autocast("cpu", enabled=False):
-                y = self._features(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x)
-            return y.to(dtype) if y.dtype == torch.float32 else y
-        return self._features(x)
+                ys = self._features(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x, stages, norm)
+            return [y.to(dtype) if y.dtype == torch.float32 else y for y in ys]
+        return self._features(x, stages, norm)
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, stages: tuple, norm: bool) -> list[torch.Tensor]:
+        """The one loop over the stages: the outputs of ``stages`` (distinct ints in 0..3), in that
+        order, the last stage's through ``self.norm`` if ``norm``; stops after the highest."""
+        last = max(stages)
+        outputs = {}
         for i, (embed, blocks) in enumerate(self.stages()):
             x = embed(x)
             if i == 0:
@@ -437,7 +498,11 @@ class UniFormer(nn.Module):
                     x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
                 else:
                     x = blk(x)
-        return self.norm(x)
+            if i in stages:
+                outputs[i] = self.norm(x) if norm and i == 3 else x
+            if i == last:
+                break
+        return [outputs[i] for i in stages]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map (B, C, T, H, W) -> logits (B, num_classes) (pooled features if pre_logits)."""
