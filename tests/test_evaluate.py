@@ -262,3 +262,29 @@ def test_cli_evaluate_and_extract(dataset, model, tmp_path, capsys):
                         (["extract", str(dataset), "--weights", str(weights)], "required: --out")]:
         code, stdout, err = run_cli(args + ["--quiet"] if args[0] == "evaluate" else args, capsys)
         assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_extract_drops_a_video_that_fails_midway(dataset, model, tmp_path, monkeypatch):
+    # The longest video's third read fails (damaged data surfacing mid-decode): its chunks already
+    # queued for the model are dropped, nothing of it is written, the others are complete.
+    real = VideoReader.get_frames
+    reads = {}
+
+    def flaky(self, indices):
+        if self.path.endswith("v5.mp4"):
+            reads["n"] = reads.get("n", 0) + 1
+            if reads["n"] == 3:
+                from uniformer_fast.video import VideoDecodeError
+                raise VideoDecodeError(f"{self.path!r}: frame 40 could not be decoded")
+        return real(self, indices)
+
+    monkeypatch.setattr(VideoReader, "get_frames", flaky)
+    out = tmp_path / "features"
+    result = extract(model, dataset, out, window=4, stride=1, sample_rate=2, size=32, batch_size=5, workers=0,
+                     feature_map=True, progress=False)
+    assert dict(result.failed).keys() == {"damaged.mp4", "v5.mp4"}
+    assert "frame 40 could not be decoded" in dict(result.failed)["v5.mp4"]
+    assert sorted(result.written) == [f"v{k}.mp4" for k in range(len(LENGTHS) - 1)]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("v5")) == []
+    idx, _, pooled = windows_by_hand(model, dataset / "v4.mp4", 4, 1, 2, 32)
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "v4.npy")), pooled, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,8 @@ extraction, with decoding in worker processes overlapped with the model.
 
     from uniformer_fast import create_model, load_checkpoint
     from uniformer_fast.evaluation import evaluate, extract
-    model = load_checkpoint(create_model("uniformer_small"), "uniformer_small_k400_16x4.pth")
+    model = create_model("uniformer_small", num_classes=400)
+    load_checkpoint(model, "uniformer_small_k400_16x4.pth")
     result = evaluate(model, "k400_val.csv", root="/data/k400", views=4, crops=1, workers=8, out_dir="eval")
     print(result.top1, result.top5, result.mean_class_accuracy)
     extract(model, "videos/", "features/", window=16, stride=16, sample_rate=4)
@@ -40,8 +41,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .files import atomic_write
 from .video import PROTOCOLS, VIDEO_EXTENSIONS, VideoDecodeError, VideoReader, load_views, to_views, window_indices
 
-__all__ = ["VideoItem", "read_video_list", "find_videos", "evaluate", "extract", "EvaluationResult",
-           "ExtractionResult", "PRECISIONS"]
+__all__ = ["VideoItem", "read_video_list", "find_videos", "evaluate", "extract", "default_workers",
+           "EvaluationResult", "ExtractionResult", "PRECISIONS"]
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 LIST_EXTENSIONS = (".csv", ".txt", ".lst", ".list")
@@ -192,6 +193,15 @@ def _loader(dataset, workers, device):
                       prefetch_factor=2 if workers else None, persistent_workers=False)
 
 
+def default_workers(device) -> int:
+    """Decoding processes when none are asked for: on CUDA up to 8 (one core left to feed the
+    GPU), so that decoding keeps up with the model; on the CPU 0, since the model already uses
+    every core (on 2 cores, 1 or 2 workers cost 3% of the videos/s, measured)."""
+    if torch.device(device).type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def _autocast(device, precision):
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -211,10 +221,13 @@ def _check_model(model):
 
 
 def _device_of(model, device):
+    """The device to run on: the model's, or ``device``, where the model is then moved."""
     if device is None:
         p = next(model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    model.to(device)
+    return device
 
 
 class _Batcher:
@@ -389,7 +402,8 @@ SETTINGS_JSON = "settings.json"
 
 def evaluate(model, videos, *, root: Optional[str] = None, num_frames: int = 16, sample_rate: int = 4,
              views: int = 4, crops: int = 1, size: int = 224, protocol: str = "kinetics",
-             short_side: Optional[int] = None, ensemble: str = "softmax", batch_size: int = 8, workers: int = 0,
+             short_side: Optional[int] = None, ensemble: str = "softmax", batch_size: int = 8,
+             workers: Optional[int] = None,
              device=None, precision: str = "auto", out_dir=None, class_names: Optional[Sequence[str]] = None,
              top: int = 5, progress: bool = True) -> EvaluationResult:
     """Score a labelled list of videos with the official multi-view test protocol.
@@ -401,10 +415,11 @@ def evaluate(model, videos, *, root: Optional[str] = None, num_frames: int = 16,
     official test loop sums the raw logits, the same ranking).
 
     Args:
-        model: a UniFormer (put in eval mode here; left on its device unless ``device`` is given).
+        model: a UniFormer (in eval mode while it runs; moved to ``device`` when one is given).
         videos: a list file (:func:`read_video_list`), or a sequence of ``(path, label)`` pairs,
             paths or :class:`VideoItem` s; ``root`` is joined in front of relative paths.
-        batch_size: clips per model call (across videos). workers: decoding processes (0: here).
+        batch_size: clips per model call (across videos). workers: decoding processes (0: in this
+            process; None: :func:`default_workers` for the device).
         precision: ``"auto"`` (bf16 autocast on CUDA, float32 on the CPU), ``"float32"``,
             ``"bfloat16"`` or ``"float16"`` (autocast).
         out_dir: write ``predictions.csv`` (per video: label and the top-``top`` classes with
@@ -417,6 +432,8 @@ def evaluate(model, videos, *, root: Optional[str] = None, num_frames: int = 16,
     """
     _check_model(model)
     items = _items(videos, root)
+    device = _device_of(model, device)
+    workers = default_workers(device) if workers is None else workers
     for name, value, low in (("num_frames", num_frames, 1), ("sample_rate", sample_rate, 1), ("views", views, 1),
                              ("size", size, 1), ("batch_size", batch_size, 1), ("workers", workers, 0),
                              ("top", top, 1)):
@@ -438,7 +455,6 @@ def evaluate(model, videos, *, root: Optional[str] = None, num_frames: int = 16,
         raise ValueError(f"{bad[0].key}: label {bad[0].label} outside the model's {num_classes} classes")
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"class_names: {len(class_names)} names for a model of {num_classes} classes")
-    device = _device_of(model, device)
     precision, autocast = _autocast(device, precision)
     top = min(top, num_classes)
 
@@ -651,7 +667,7 @@ def feature_name(key: str) -> str:
 
 
 def extract(model, videos, out_dir, *, root: Optional[str] = None, window: int = 16, stride: int = 16,
-            sample_rate: int = 4, size: int = 224, batch_size: int = 8, workers: int = 0, device=None,
+            sample_rate: int = 4, size: int = 224, batch_size: int = 8, workers: Optional[int] = None, device=None,
             precision: str = "auto", feature_map: bool = False, progress: bool = True) -> ExtractionResult:
     """Clip features of whole videos, from a window slid over each.
 
@@ -674,6 +690,8 @@ def extract(model, videos, out_dir, *, root: Optional[str] = None, window: int =
         items = find_videos(videos)
     else:
         items = _items(videos, root)
+    device = _device_of(model, device)
+    workers = default_workers(device) if workers is None else workers
     for name, value, low in (("window", window, 1), ("stride", stride, 1), ("sample_rate", sample_rate, 1),
                              ("size", size, 1), ("batch_size", batch_size, 1), ("workers", workers, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -684,7 +702,6 @@ def extract(model, videos, out_dir, *, root: Optional[str] = None, window: int =
     names = [feature_name(i.key) for i in items]
     if len(set(names)) != len(names):  # a.mp4 and a.avi side by side: keep their extensions
         names = [i.key for i in items]
-    device = _device_of(model, device)
     precision, autocast = _autocast(device, precision)
 
     skipped, todo = [], []
@@ -715,7 +732,7 @@ def extract(model, videos, out_dir, *, root: Optional[str] = None, window: int =
         i = item["video"]
         if "error" in item:
             st = state.pop(i, None)
-            if st is not None and st["map"] is not None:
+            if st is not None and st["map_file"] is not None:
                 st["map_file"].discard()
             failed.append((items[i].key, item["error"]))
             bar.write(f"extract: skipped {items[i].key}: {item['error']}", file=sys.stderr)
@@ -724,7 +741,7 @@ def extract(model, videos, out_dir, *, root: Optional[str] = None, window: int =
         meta = item["meta"]
         if meta["first"] == 0:
             state[i] = {"meta": meta, "pooled": [None] * meta["num_windows"], "left": meta["num_windows"],
-                        "last": False, "map": None, "map_file": None}
+                        "last": False, "map_file": None}
         if item["last"]:
             state[i]["last"] = True
         return True
@@ -732,7 +749,9 @@ def extract(model, videos, out_dir, *, root: Optional[str] = None, window: int =
     def on_output(tag, offset, out):
         i, meta, _last = tag
         first = meta["first"] + offset
-        st = state[i]
+        st = state.get(i)
+        if st is None:  # the video failed after this chunk was queued: its results are dropped
+            return
         fmap, pooled = out
         for k in range(pooled.shape[0]):
             st["pooled"][first + k] = pooled[k].float().cpu().numpy()
