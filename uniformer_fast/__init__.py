@@ -2,10 +2,11 @@
 official Sense-X/UniFormer checkpoints."""
 from . import ops
 from .checkpoint import load_checkpoint
+from .evaluation import evaluate, extract
 from .export import export_onnx
 from .model import UniFormer, create_model, list_models, uniformer_base, uniformer_small
 
 __version__ = "0.1.0"
 
-__all__ = ["UniFormer", "create_model", "export_onnx", "list_models", "load_checkpoint", "ops",
+__all__ = ["UniFormer", "create_model", "evaluate", "export_onnx", "extract", "list_models", "load_checkpoint", "ops",
            "uniformer_base", "uniformer_small", "__version__"]

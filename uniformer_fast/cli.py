@@ -383,8 +383,9 @@ def _load_model(args, num_classes=None):
     return model.to(_device(args.device)).eval()
 
 
-def _default_workers():
-    return min(4, os.cpu_count() or 1)
+def _workers(args):
+    from .evaluation import default_workers
+    return default_workers(_device(args.device)) if args.workers is None else args.workers
 
 
 def _evaluate(args):
@@ -399,7 +400,7 @@ def _evaluate(args):
     views = f"{args.views} view{'s' * (args.views > 1)} x {args.crops} crop{'s' * (args.crops > 1)}"
     print(f"evaluating {args.model} on {args.list}: {args.protocol} protocol, {views} of "
           f"{args.frames}x{args.size}" + (f" every {args.sample_rate} frames" if args.protocol == "kinetics" else "")
-          + f", {args.workers} decoding workers", file=sys.stderr)
+          + f", {_workers(args)} decoding workers", file=sys.stderr)
     result = evaluate(model, videos, num_frames=args.frames, sample_rate=args.sample_rate,
                       views=args.views, crops=args.crops, size=args.size, protocol=args.protocol,
                       short_side=args.short_side, ensemble=args.ensemble, batch_size=args.batch,
@@ -423,7 +424,7 @@ def _extract(args):
     videos = find_videos(args.source)
     model = _load_model(args)
     print(f"extracting {args.model} features of {args.source}: windows of {args.window} frames every "
-          f"{args.sample_rate}, stride {args.stride}, {args.size} px, {args.workers} decoding workers", file=sys.stderr)
+          f"{args.sample_rate}, stride {args.stride}, {args.size} px, {_workers(args)} decoding workers", file=sys.stderr)
     result = extract(model, videos, args.out, window=args.window, stride=args.stride,
                      sample_rate=args.sample_rate, size=args.size, batch_size=args.batch, workers=args.workers,
                      device=_device(args.device), precision=args.precision, feature_map=args.feature_map,
@@ -523,8 +524,9 @@ def build_parser():
         p.add_argument("--sample-rate", type=int_at_least(1), default=4, help="frame stride (16x4 models: 4)")
         p.add_argument("--size", type=int_at_least(32), default=224)
         p.add_argument("--batch", type=int_at_least(1), default=8, help="clips per model call")
-        p.add_argument("--workers", type=int_at_least(0), default=_default_workers(),
-                       help="decoding processes (0: decode in the main process; default %(default)s)")
+        p.add_argument("--workers", type=int_at_least(0), default=None,
+                       help="decoding processes (0: in the main process; default: up to 8 on CUDA, 0 on the CPU, "
+                            "where the model uses every core)")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                        help="auto: bf16 autocast on CUDA, float32 on the CPU")
