@@ -27,12 +27,11 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -276,11 +275,8 @@ class _Batcher:
 def _progress(total, desc, enabled):
     if not enabled:
         return _NoProgress()
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="video", file=sys.stderr, dynamic_ncols=True)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return _NoProgress()
+    from tqdm import tqdm  # a dependency
+    return tqdm(total=total, desc=desc, unit="video", file=sys.stderr, dynamic_ncols=True)
 
 
 class _NoProgress:
@@ -469,11 +465,9 @@ def evaluate(model, videos, *, root: Optional[str] = None, num_frames: int = 16,
     writer = _PredictionWriter(out_dir, top, class_names) if out_dir is not None else None
 
     def make_chunks(reader, item):
-        total = item.num_frames if item.num_frames else len(reader)
-        # A Something-Something list's frame count may exceed what a video file holds.
-        total = min(total, len(reader))
+        # A Something-Something list gives the frame count (load_views clamps it to the video's).
         yield load_views(None, num_frames, sample_rate, views, crops, size, protocol=protocol,
-                         short_side=short_side, reader=reader, total=total), None
+                         short_side=short_side, reader=reader, total=item.num_frames or None), None
 
     sums: Dict[int, torch.Tensor] = {}
     counts: Dict[int, int] = {}
