@@ -16,6 +16,9 @@ Sampling follows the official test code (Sense-X/UniFormer ``slowfast/datasets``
   num_frames)`` clamped to the video and truncated (16x4: 63/15 apart, not 4).
 - **Something-Something** (:func:`segment_indices`): with ``seg = (total - 1) / num_frames``,
   frame ``round(seg * i) + int(seg / (views + 1) * (view + 1))`` of segment ``i``.
+- **Training** (:func:`random_dense_indices`, :func:`random_segment_indices`): a random start
+  instead of the view's for Kinetics, a random frame per segment for Something-Something; the
+  augmentations are in :mod:`uniformer_fast.augment` and :mod:`uniformer_fast.train_data`.
 - **Space** (:func:`resize_short_side`, :func:`uniform_crop`): the short side is resized to
   ``short_side`` (the crop size unless given) with bilinear interpolation, ``align_corners=False``
   and no antialiasing, the long side to ``floor(long / short * short_side)``; then one crop (the
@@ -43,7 +46,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PROTOCOLS = ("kinetics", "sth")
 
 __all__ = ["MEAN", "STD", "PROTOCOLS", "VIDEO_EXTENSIONS", "VideoDecodeError", "VideoReader", "dense_indices",
-           "segment_indices", "view_indices", "window_indices", "resize_short_side", "uniform_crop",
+           "segment_indices", "view_indices", "random_dense_indices",
+           "random_segment_indices", "train_indices", "window_indices", "resize_short_side", "uniform_crop",
            "crop_positions", "normalize", "to_views", "load_views", "load_clip", "read_frames"]
 
 
@@ -308,6 +312,40 @@ def view_indices(total: int, num_frames: int, sample_rate: int, view: int, views
         return dense_indices(total, num_frames, sample_rate, view, views)
     if protocol == "sth":
         return segment_indices(total, num_frames, view, views)
+    raise ValueError(f"protocol: expected one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+
+
+def random_dense_indices(total: int, num_frames: int, sample_rate: int, rng: random.Random) -> torch.Tensor:
+    """The official Kinetics training sampler: a clip of ``sample_rate * num_frames`` frames from a
+    start drawn uniformly (a float) in ``[0, max(total - clip, 0)]``, its frames
+    ``linspace(start, start + clip - 1, num_frames)`` clamped and truncated, int64 ``(num_frames,)``."""
+    _check_count("total", total)
+    _check_count("num_frames", num_frames)
+    _check_count("sample_rate", sample_rate)
+    clip = sample_rate * num_frames
+    start = rng.uniform(0, max(total - clip, 0))
+    idx = torch.linspace(start, start + clip - 1, num_frames, dtype=torch.float32)
+    return idx.clamp(0, total - 1).long()
+
+
+def random_segment_indices(total: int, num_frames: int, rng: random.Random) -> torch.Tensor:
+    """The official Something-Something training sampler: ``num_frames`` segments of
+    ``seg = (total - 1) / num_frames`` frames, one frame drawn uniformly from each (both ends
+    included), int64 ``(num_frames,)``."""
+    _check_count("total", total)
+    _check_count("num_frames", num_frames)
+    seg = float(total - 1) / num_frames
+    idx = [rng.randint(int(round(seg * i)), int(round(seg * (i + 1)))) for i in range(num_frames)]
+    return torch.tensor(idx, dtype=torch.long).clamp_(0, total - 1)
+
+
+def train_indices(total: int, num_frames: int, sample_rate: int, rng: random.Random,
+                  protocol: str = "kinetics") -> torch.Tensor:
+    """:func:`random_dense_indices` (``"kinetics"``) or :func:`random_segment_indices` (``"sth"``)."""
+    if protocol == "kinetics":
+        return random_dense_indices(total, num_frames, sample_rate, rng)
+    if protocol == "sth":
+        return random_segment_indices(total, num_frames, rng)
     raise ValueError(f"protocol: expected one of {', '.join(PROTOCOLS)}; got {protocol!r}")
 
 
