@@ -39,6 +39,7 @@ import math
 import random
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -107,14 +108,30 @@ def _channel_index(frames):
 
 def _point(frames, lut):
     """Map every value through ``lut``: (256,) for all pixels, or (T, 3, 256) per frame and channel."""
+    if frames.device.type == "cpu":
+        # NumPy's take indexes with the uint8 values as they are: 2.5x faster than index_select,
+        # which needs them widened (16x256x340 frames, one thread: 9 ms against 22).
+        table = lut.to(torch.uint8).numpy()
+        values = frames.numpy()
+        if lut.numel() == 256:
+            return torch.from_numpy(np.take(table.reshape(-1), values))
+        out = np.empty_like(values)
+        for t in range(values.shape[0]):
+            for c in range(3):
+                np.take(table[t, c], values[t, ..., c], out=out[t, ..., c])
+        return torch.from_numpy(out)
     lut = lut.to(device=frames.device, dtype=torch.uint8).reshape(-1)
     index = frames.int() if lut.numel() == 256 else _channel_index(frames)
     return lut.index_select(0, index.reshape(-1)).view(frames.shape)
 
 
 def _histograms(frames):
-    """(T, 3, 256) int64: the histogram of every channel of every frame, in one bincount."""
+    """(T, 3, 256) int64: the histogram of every channel of every frame."""
     T = frames.shape[0]
+    if frames.device.type == "cpu":
+        # One bincount per channel of the uint8 values beats one over offset int32 indices by 2x.
+        rows = frames.permute(0, 3, 1, 2).reshape(T * 3, -1)
+        return torch.stack([torch.bincount(r, minlength=256) for r in rows]).view(T, 3, 256)
     return torch.bincount(_channel_index(frames).reshape(-1), minlength=T * 3 * 256).view(T, 3, 256)
 
 
@@ -168,10 +185,18 @@ def _solarize_add(frames, add, thresh=128):
     return _point(frames, torch.where(levels < thresh, (levels + add).clamp(max=255), levels))
 
 
+_LUMA = (19595.0, 38470.0, 7471.0)  # PIL's fixed-point ITU-R 601-2 weights, x 65536
+
+
 def _grey(frames):
-    """PIL's RGB -> "L" (ITU-R 601-2 luma, its fixed-point form), int32 (T, H, W)."""
-    x = frames.to(torch.int32)
-    return (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16
+    """PIL's RGB -> "L" (ITU-R 601-2 luma, its fixed-point form), int32 (T, H, W).
+
+    ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16`` as one float32 matmul: every partial sum is an
+    integer below 2^24 (at most 255 * 65536 + 0x8000), so float32 holds it exactly, and the shift
+    is an exact scaling by 2^-16 then a floor (three times faster than int32 arithmetic)."""
+    weights = torch.tensor(_LUMA, dtype=torch.float32, device=frames.device)
+    total = frames.float() @ weights
+    return total.add_(0x8000).mul_(2.0 ** -16).floor_().to(torch.int32)
 
 
 def _blend(degenerate, frames, factor):
@@ -179,7 +204,8 @@ def _blend(degenerate, frames, factor):
     degenerate)`` in float32 (PIL's C code takes the factor as a float), clipped and truncated to
     uint8 as PIL does, so the result is PIL's to the last grey level."""
     d = degenerate.float()
-    out = d + torch.tensor(factor, dtype=torch.float32, device=frames.device) * (frames.float() - d)
+    # In place, in PIL's order ((x - d) * f + d is d + f * (x - d) to the bit): one buffer, not four.
+    out = frames.float().sub_(d).mul_(torch.tensor(factor, dtype=torch.float32, device=frames.device)).add_(d)
     return out.clamp_(0, 255).to(torch.uint8)  # float -> uint8 truncates, as PIL's (UINT8) cast
 
 
@@ -225,6 +251,10 @@ def _affine(frames, data, interpolation, fill):
     """
     T, H, W, _ = frames.shape
     a, b, c, d, e, f = data
+    if (a, d, e, f) == (1, 0, 1, 0) and frames.device.type == "cpu":
+        return _shift_rows(frames, b, c, interpolation, fill)  # ShearX, TranslateX
+    if (a, b, c, e) == (1, 0, 0, 1) and frames.device.type == "cpu":  # ShearY, TranslateY: the same on columns
+        return _shift_rows(frames.transpose(1, 2), d, f, interpolation, fill).transpose(1, 2).contiguous()
     # The grid in float64 on the CPU (shared by all frames), so the inside test is PIL's.
     ys = torch.arange(H, dtype=torch.float64).add_(0.5).view(H, 1)
     xs = torch.arange(W, dtype=torch.float64).add_(0.5).view(1, W)
@@ -237,6 +267,46 @@ def _affine(frames, data, interpolation, fill):
                         padding_mode="border", align_corners=False)
     out = torch.where(inside, out.round_().clamp_(0, 255), float(fill))  # bicubic overshoots
     return out.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _cubic_weights(t):
+    """torch's bicubic convolution weights (A = -0.75, as grid_sample) of the taps at -1, 0, 1, 2
+    for a fraction ``t``."""
+    A = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
+
+
+def _shift_rows(frames, slope, offset, interpolation, fill):
+    """:func:`_affine` for data ``(1, slope, offset, 0, 1, 0)``: row ``y`` shifted along x by
+    ``slope * (y + 0.5) + offset``. The source points of an output row lie on that same row, a
+    whole number of pixels plus the same fraction apart from its pixels, so this interpolates in
+    x only, with one weight per row and tap: 4 taps (2 bilinear) instead of grid_sample's 16, the
+    same points, kernel, border rule and fill (16x256x340 frames, one thread: 60 ms against 125)."""
+    T, H, W, _ = frames.shape
+    shift = torch.arange(H, dtype=torch.float64).add_(0.5).mul_(slope).add_(offset)  # (H,)
+    whole = shift.floor()
+    t = (shift - whole).float().view(1, H, 1, 1)
+    u = torch.arange(W, dtype=torch.float64).view(1, W) + shift.view(H, 1)  # source pixel coordinates
+    outside = ((u + 0.5 < 0) | (u + 0.5 >= W)).view(1, H, W, 1)
+    if interpolation == "bicubic":
+        taps, weights = (-1, 0, 1, 2), _cubic_weights(t)
+    else:
+        taps, weights = (0, 1), (1 - t, t)
+    base = torch.arange(W).view(1, W) + whole.long().view(H, 1)
+    rows = torch.arange(H).view(H, 1) * W
+    flat = frames.reshape(T, H * W, 3)
+    out = torch.zeros(T, H, W, 3)
+    for k, w in zip(taps, weights):
+        index = (base + k).clamp_(0, W - 1).add_(rows).view(-1)  # border: clamped to the row
+        out.add_(flat.index_select(1, index).view(T, H, W, 3).float().mul_(w))
+    out.round_().clamp_(0, 255).masked_fill_(outside, float(fill))
+    return out.to(torch.uint8)
 
 
 def _rotate_data(degrees, W, H):
