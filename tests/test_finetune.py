@@ -2,6 +2,7 @@
 videos: the data lists, the training samplers and clips, overfitting a tiny model, validation,
 resuming bit for bit, bad videos and labels."""
 import csv
+import importlib.util
 import os
 import random
 import re
@@ -193,6 +194,13 @@ def test_tiny_model_overfits_and_is_validated(videos, tmp_path, tiny_small, caps
                          workers=0, progress=False)
     assert result.top1 == best["metrics"]["val_top1"]
     assert "best val top-1" in err
+    if importlib.util.find_spec("tensorboard") is not None:  # the [train] and [test] extras bring it
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        assert {"train/loss", "train/lr", "epoch/train_top1", "val/val_top1"} <= set(events.Tags()["scalars"])
+        assert [e.step for e in events.Scalars("val/val_top1")] == [12, 24, 36]  # 3 steps per epoch
+        assert events.Scalars("val/val_top1")[-1].value == float(validated[-1]["val_top1"])
 
 
 FULL = ["--eval-every", "1", "--accum-steps", "2", "--clip-grad", "1.0", "--ema-decay", "0.9", "--num-sample", "2",
