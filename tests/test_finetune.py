@@ -139,6 +139,24 @@ def test_train_clips_are_deterministic_and_the_same_on_every_frame(tmp_path):
     assert not torch.equal(ds[(1, 0)][0], clips)
 
 
+def test_load_clip_and_preprocess_train_through_the_recipe(videos):
+    """The public one-clip helpers train with the same recipe as TrainClips: seeded, they give
+    the clip TrainClips' augmentation gives for the same frames and draws."""
+    from uniformer_fast.train_data import augment_clip
+    from uniformer_fast.video import VideoReader, load_clip, preprocess
+    path = str(videos / "class1" / "v2.mp4")
+    a = load_clip(path, 4, 2, 32, train=True, rng=random.Random(3))
+    assert a.shape == (3, 4, 32, 32) and torch.equal(a, load_clip(path, 4, 2, 32, train=True, rng=random.Random(3)))
+    rng = random.Random(3)
+    with VideoReader(path) as reader:
+        frames = reader.get_frames(random_dense_indices(len(reader), 4, 2, rng))
+    assert torch.equal(a, augment_clip(frames, rng, TrainRecipe(4, 2, 32)))
+    b = preprocess(frames, 32, train=True, rng=random.Random(1))
+    assert b.shape == (3, 4, 32, 32) and torch.equal(b, preprocess(frames, 32, train=True, rng=random.Random(1)))
+    recipe = TrainRecipe(4, 1, 32, crop="jitter", rand_augment=None, erase_prob=0.0)
+    assert torch.equal(b, augment_clip(frames, random.Random(1), recipe))
+
+
 def test_training_lists_and_folders(videos, tmp_path):
     items, names = find_training_videos(videos / "train.csv")
     assert len(items) == 12 and names is None and items[0] == VideoItem("class0/v0.mp4", str(videos / "class0/v0.mp4"), 0)

@@ -472,17 +472,17 @@ def load_clip(path, num_frames: int = 16, sample_rate: int = 4, size: int = 224,
     """A model-ready clip ``(3, num_frames, size, size)``.
 
     Evaluation: the official single-view test clip (:func:`dense_indices` with one view, the
-    centre crop after resizing the short side to ``size``). Training: a random start, frames
-    ``sample_rate`` apart, a random short side in [256, 320] scaled by ``size / 224``, random crop
-    and flip (see :func:`preprocess`).
+    centre crop after resizing the short side to ``size``). Training: the official training clip
+    (:func:`random_dense_indices`, then :func:`uniformer_fast.train_data.augment_clip` with the
+    default recipe: RandAugment, a random resized crop, a flip, random erasing), drawn from ``rng``.
     """
     if not train:
         return load_views(path, num_frames, sample_rate, 1, 1, size)[0]
+    from .train_data import TrainRecipe, augment_clip  # train_data imports this module
+    rng = rng if rng is not None else random.Random()
     with VideoReader(path) as reader:
-        span = (num_frames - 1) * sample_rate + 1
-        start = (rng or random).randint(0, max(0, len(reader) - span))
-        frames = reader.get_frames(sample_indices(len(reader), num_frames, sample_rate, start))
-    return preprocess(frames, size, train=True, rng=rng)
+        frames = reader.get_frames(random_dense_indices(len(reader), num_frames, sample_rate, rng))
+    return augment_clip(frames, rng, TrainRecipe(num_frames, sample_rate, size))
 
 
 def read_frames(path) -> torch.Tensor:
@@ -506,23 +506,14 @@ def preprocess(frames: torch.Tensor, size: int = 224, *, train: bool = False,
                scale_range=(256, 320), rng: Optional[random.Random] = None) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> normalised float32 (3, T, size, size).
 
-    Evaluation: the official test transform (:func:`to_views`, one centre crop). Training: short
-    side to a random length in ``scale_range`` scaled by ``size / 224``, random crop, random
-    horizontal flip.
+    Evaluation: the official test transform (:func:`to_views`, one centre crop). Training: the
+    official recipe without ``AUG``: the short side to a random length in ``scale_range`` scaled by
+    ``size / 224`` (no antialiasing), a random crop and a random horizontal flip, drawn from
+    ``rng`` (:func:`uniformer_fast.train_data.augment_clip` with ``crop="jitter"``).
     """
     if not train:
         return to_views(frames, size, 1)[0]
-    rng = rng or random
-    x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
-    H, W = x.shape[-2:]
-    short = int(rng.uniform(*scale_range) * size / 224)
-    scale = short / min(H, W)
-    new_h, new_w = max(size, round(H * scale)), max(size, round(W * scale))
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = rng.randint(0, new_h - size), rng.randint(0, new_w - size)
-    x = x[..., top:top + size, left:left + size]
-    if rng.random() < 0.5:
-        x = x.flip(-1)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
+    from .train_data import TrainRecipe, augment_clip  # train_data imports this module
+    recipe = TrainRecipe(frames.shape[0], 1, size, crop="jitter", jitter=tuple(scale_range), rand_augment=None,
+                         erase_prob=0.0)
+    return augment_clip(frames, rng if rng is not None else random.Random(), recipe)
