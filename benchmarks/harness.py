@@ -350,3 +350,32 @@ def _append_jsonl(benchmark, stats) -> None:
 
 def needs_grad(*tensors):
     return [t.detach().requires_grad_(True) for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated videos for the data-path benchmarks (evaluate, training clips).
+
+def camera_picture(i: int, h: int, w: int) -> torch.Tensor:
+    """uint8 (h, w, 3) frame ``i`` with moving edges and texture: what a camera gives a codec to
+    do, roughly."""
+    y = torch.arange(h).view(h, 1, 1)
+    x = torch.arange(w).view(1, w, 1)
+    c = torch.tensor([1, 2, 3]).view(1, 1, 3)
+    noise = torch.randint(0, 24, (h, w, 1), generator=torch.Generator().manual_seed(i))
+    return ((x * c + 3 * i + (y // 16) * 7) % 256 + noise).clamp(0, 255).to(torch.uint8)
+
+
+def write_camera_video(path, num_frames: int, h: int, w: int) -> str:
+    """An H.264 video of :func:`camera_picture` frames at 25 fps (keyframe every second, 2
+    B-frames, crf 23): what the data-path benchmarks decode."""
+    import av
+    path = str(path)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"g": "25", "bf": "2", "crf": "23"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(num_frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(camera_picture(i, h, w).numpy(), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -30,7 +30,7 @@ from uniformer_fast.evaluation import evaluate
 from uniformer_fast.video import dense_indices, read_frames, to_views
 
 from . import floors
-from .harness import CPU_PRESET, DEVICE, ON_CUDA, run
+from .harness import CPU_PRESET, DEVICE, ON_CUDA, run, write_camera_video
 
 av = pytest.importorskip("av")
 
@@ -44,33 +44,10 @@ ROWS = ["decode-all", "workers0", "workers1", "workers2", "model-only"]
 PARAMS = [(v, r) for v in VIEWS for r in ROWS]
 
 
-def _picture(i, h, w):
-    """A frame with moving edges and texture: what a camera gives a codec to do, roughly."""
-    y = torch.arange(h).view(h, 1, 1)
-    x = torch.arange(w).view(1, w, 1)
-    c = torch.tensor([1, 2, 3]).view(1, 1, 3)
-    g = torch.Generator().manual_seed(i)
-    noise = torch.randint(0, 24, (h, w, 1), generator=g)
-    return ((x * c + 3 * i + (y // 16) * 7) % 256 + noise).clamp(0, 255).to(torch.uint8)
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-videos")
-    items = []
-    for k in range(NUM_VIDEOS):
-        path = root / f"v{k}.mp4"
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream("libx264", rate=25, options={"g": "25", "bf": "2", "crf": "23"})
-            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-            for i in range(VIDEO_FRAMES):
-                frame = av.VideoFrame.from_ndarray(_picture(i, HEIGHT, WIDTH).numpy(), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        items.append((str(path), k % 400))
-    return items
+    return [(write_camera_video(root / f"v{k}.mp4", VIDEO_FRAMES, HEIGHT, WIDTH), k % 400) for k in range(NUM_VIDEOS)]
 
 
 @pytest.fixture(scope="module")

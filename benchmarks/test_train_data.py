@@ -32,7 +32,7 @@ from uniformer_fast.train_data import TrainClips, TrainRecipe, _Augmenter
 from uniformer_fast.video import VideoReader, train_indices
 
 from . import floors
-from .harness import CPU_PRESET, run
+from .harness import CPU_PRESET, run, write_camera_video
 
 av = pytest.importorskip("av")
 Image = pytest.importorskip("PIL.Image")
@@ -46,31 +46,11 @@ CLIPS = 8 if FULL else 4
 ROWS = ["decode", "plain", "recipe-pil", "recipe"]
 
 
-def _picture(i, h, w):
-    y = torch.arange(h).view(h, 1, 1)
-    x = torch.arange(w).view(1, w, 1)
-    c = torch.tensor([1, 2, 3]).view(1, 1, 3)
-    noise = torch.randint(0, 24, (h, w, 1), generator=torch.Generator().manual_seed(i))
-    return ((x * c + 3 * i + (y // 16) * 7) % 256 + noise).clamp(0, 255).to(torch.uint8)
-
-
 @pytest.fixture(scope="module")
 def items(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-videos")
-    out = []
-    for k in range(NUM_VIDEOS):
-        path = root / f"v{k}.mp4"
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream("libx264", rate=25, options={"g": "25", "bf": "2", "crf": "23"})
-            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-            for i in range(VIDEO_FRAMES):
-                for packet in stream.encode(av.VideoFrame.from_ndarray(_picture(i, HEIGHT, WIDTH).numpy(),
-                                                                       format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        out.append(VideoItem(path.name, str(path), k))
-    return out
+    return [VideoItem(f"v{k}.mp4", write_camera_video(root / f"v{k}.mp4", VIDEO_FRAMES, HEIGHT, WIDTH), k)
+            for k in range(NUM_VIDEOS)]
 
 
 def _pil_affine(data):

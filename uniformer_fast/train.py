@@ -705,7 +705,7 @@ class _MetricsWriter:
                 {k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
                  for k in METRIC_COLUMNS})
         for k, v in stats.items():
-            if isinstance(v, (int, float)) and v is not None:
+            if isinstance(v, (int, float)):
                 self.scalar(("val/" if k.startswith("val_") else "epoch/") + k, v, step)
 
     def close(self):
