@@ -72,6 +72,14 @@ def assert_stats_of_stored_y(y, mean, var, assert_close):
     assert (naive.double() - var64).abs().max() > 1e3 * 1e-5 * var64.abs().max()
 
 
+def cpp_attention_why_not(dtype=torch.float32):
+    """None where the "cpp" attention kernel runs ``dtype`` on this CPU (AVX-512; AVX512-BF16 for
+    bfloat16), else why not."""
+    from uniformer_fast.ops.attention import _cpp_why_not
+    with torch.no_grad():
+        return _cpp_why_not(torch.empty(1, 1, 3 * 32, dtype=dtype), 1, 1.0, 0.0)
+
+
 def attention_rtol(dtype):
     """The attention kernels' tolerance: float32 at 1e-5 (2e-3 where its dots run in tf32)."""
     if dtype == torch.float32:

@@ -1,4 +1,4 @@
-"""Attention backends ("triton" fused kernels, "sdpa") against a float64 reference.
+"""Attention backends ("triton" fused kernels, "cpp" CPU kernel, "sdpa") against a float64 reference.
 
 On the CPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set in conftest.py);
 with UNIFORMER_FAST_TEST_DEVICE=cuda the compiled kernels run. Shapes are small: the interpreter
@@ -15,7 +15,7 @@ from uniformer_fast.ops import BackendUnavailableError
 from uniformer_fast.ops import backend as registry
 from uniformer_fast.ops.reference import attention_reference
 
-from helpers import attention_rtol
+from helpers import attention_rtol, cpp_attention_why_not
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -219,7 +219,7 @@ def test_auto_prefers_triton_on_cuda_and_takes_sdpa_for_dropout(device):
     assert registry.resolve("attention", "auto", cuda, qkv, 1, 0.2, 0.0)[0] == "triton"
     assert registry.resolve("attention", "auto", cuda, qkv, 1, 0.2, 0.1)[0] == "sdpa"
     assert registry.resolve("attention", "auto", cuda, qkv.double(), 1, 0.2, 0.0)[0] == "sdpa"
-    cpu = qkv.cpu()
+    cpu = qkv.cpu().requires_grad_()  # training: the CPU kernel is inference-only
     assert registry.resolve("attention", "auto", cpu.device, cpu, 1, 0.2, 0.0)[0] == "sdpa"
 
 
@@ -261,3 +261,125 @@ def test_block_with_attention_dropout_rejects_triton_by_name(device):
     block.eval()  # no dropout in eval mode: the fused kernel runs
     with ops.use_backend("triton", op="attention"):
         assert torch.isfinite(block(x)).all()
+
+
+# ---- "cpp": the CPU inference kernel (csrc/attention.cpp) ----------------------------------------
+
+def _needs_cpp_attention(dtype):
+    reason = cpp_attention_why_not(dtype)
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
+CPP_DTYPES = [pytest.param(torch.float32, marks=_needs_cpp_attention(torch.float32), id="float32"),
+              pytest.param(torch.bfloat16, marks=_needs_cpp_attention(torch.bfloat16), id="bfloat16")]
+CPP_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+# (B, N, heads, head_dim): one token; N below, at and past the 8-query and 32-key blocks, odd N
+# (a bfloat16 key pair half padding); head_dim 32, 64 (the model's), 96 and 256.
+CPP_SHAPES = [(1, 1, 1, 32), (2, 7, 2, 64), (1, 8, 1, 32), (1, 33, 3, 64), (2, 32, 1, 96), (1, 65, 2, 256),
+              (3, 100, 2, 64)]
+
+
+@pytest.mark.parametrize("dtype", CPP_DTYPES)
+@pytest.mark.parametrize("B,N,heads,head_dim", CPP_SHAPES)
+def test_cpp_matches_reference_float64(B, N, heads, head_dim, dtype, assert_close):
+    qkv = torch.randn(B, N, 3 * heads * head_dim).to(dtype)
+    scale = head_dim ** -0.5
+    with torch.no_grad():
+        out = ops.attention(qkv, heads, backend="cpp")
+    expected = attention_reference(qkv.double(), heads, scale)
+    assert out.shape == (B, N, heads * head_dim) and out.dtype == dtype and out.is_contiguous()
+    assert_close(out, expected, rtol=CPP_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", CPP_DTYPES)
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+def test_cpp_strided_qkv(layout, dtype, assert_close):
+    """Batch and token strides are read in place; a feature-strided view is copied first."""
+    B, N, heads, head_dim = 2, 21, 2, 32
+    C3 = 3 * heads * head_dim
+    if layout == "sliced":
+        qkv = torch.randn(B, 2 * N, C3 + 16).to(dtype)[:, 1::2, 8:8 + C3]
+    else:
+        qkv = torch.randn(B, C3, N).to(dtype).transpose(1, 2)
+    assert not qkv.is_contiguous()
+    with torch.no_grad():
+        out = ops.attention(qkv, heads, backend="cpp")
+    assert_close(out, attention_reference(qkv.double(), heads, head_dim ** -0.5), rtol=CPP_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", CPP_DTYPES)
+def test_cpp_extreme_logits(dtype, assert_close):
+    """Logits spread over +-400 (softmax rows of one dominant key and keys far below float32's
+    exp range) and a row of exactly equal logits."""
+    B, N, heads, head_dim = 1, 40, 1, 32
+    qkv = torch.randn(B, N, 3 * head_dim)
+    qkv[..., :head_dim] *= 20
+    qkv[0, 3, :head_dim] = 0  # every logit 0: uniform weights
+    qkv = qkv.to(dtype)
+    with torch.no_grad():
+        out = ops.attention(qkv, heads, scale=1.0, backend="cpp")
+    expected = attention_reference(qkv.double(), heads, 1.0)
+    assert_close(out, expected, rtol=1e-4 if dtype == torch.float32 else CPP_RTOL[dtype])
+    assert_close(out[0, 3], qkv[0, :, 2 * head_dim:].double().mean(0), rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", CPP_DTYPES)
+def test_cpp_same_bits_for_any_thread_count(dtype):
+    qkv = torch.randn(2, 50, 3 * 2 * 64).to(dtype)
+    saved = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append(ops.attention(qkv, 2, backend="cpp"))
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.parametrize("dtype", CPP_DTYPES)
+def test_cpp_under_compile_matches_eager(dtype):
+    qkv = torch.randn(2, 19, 3 * 2 * 32).to(dtype)
+    compiled = torch.compile(lambda t: ops.attention(t, 2, backend="cpp"), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(qkv), ops.attention(qkv, 2, backend="cpp"))
+
+
+@pytest.mark.parametrize("qkv,heads,kw,match", [
+    (torch.randn(1, 4, 3 * 48), 1, {}, r"head_dim .* must be a multiple of 32 up to 256; got 48"),
+    (torch.randn(1, 4, 96).half(), 1, {}, "supports float32 and bfloat16; got torch.float16"),
+    (torch.randn(1, 4, 96), 1, {"dropout_p": 0.1}, "dropout"),
+    (torch.randn(1, 4, 96, requires_grad=True), 1, {}, r"inference only .*torch.no_grad\(\)"),
+    (torch.randn(1, 4, 96, device="meta"), 1, {}, "needs CPU tensors; got meta"),
+])
+def test_cpp_refuses_by_name_what_it_cannot_run(qkv, heads, kw, match):
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cpp' cannot run this call: " + match):
+        ops.attention(qkv, heads, backend="cpp", **kw)
+
+
+def test_cpp_follows_the_kernels_instruction_set():
+    """UNIFORMER_FAST_ISA / _C.set_isa below AVX-512 turns the kernel off, by name and in "auto"."""
+    from uniformer_fast.ops.dwconv3d import _cpp
+    if _cpp is None or "avx2" not in _cpp.supported_isas():
+        pytest.skip("needs the C++ extension on an AVX2 CPU")
+    qkv = torch.randn(1, 4, 96)
+    previous = _cpp.set_isa("avx2")
+    try:
+        with pytest.raises(BackendUnavailableError, match=r"needs a CPU with AVX-512 \(kernels' instruction set here: avx2\)"):
+            ops.attention(qkv, 1, backend="cpp")
+        with torch.no_grad():
+            assert ops.backend_for(ops.attention, qkv, 1) == "sdpa"
+    finally:
+        _cpp.set_isa(previous)
+
+
+@_needs_cpp_attention(torch.float32)
+def test_auto_takes_cpp_for_cpu_inference_and_sdpa_for_training():
+    qkv = torch.randn(1, 4, 96)
+    with torch.no_grad():
+        assert ops.backend_for(ops.attention, qkv, 1) == "cpp"
+        assert ops.backend_for(ops.attention, qkv, 1, dropout_p=0.1) == "sdpa"
+    assert ops.backend_for(ops.attention, qkv.requires_grad_(), 1) == "sdpa"

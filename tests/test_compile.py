@@ -45,7 +45,7 @@ def test_compile_fullgraph_cpu_fast_path(assert_close):
     x = torch.randn(2, 3, 4, 64, 64)
     picked = {op: ops.backend.resolve(op, "auto", x.device, *args)[0] for op, args in (
         ("dwconv3d", (x[:, :1], torch.empty(1, 1, 3, 3, 3), None, True)),
-        ("attention", (torch.empty(1, 2, 96), 1, 0.1, 0.0)))}
+        ("attention", (torch.empty(1, 2, 96, requires_grad=True), 1, 0.1, 0.0)))}  # a training step
     assert picked == {"dwconv3d": "cpp", "attention": "sdpa"}
     _compare_compiled(model, x, "inductor", assert_close)
 

@@ -27,7 +27,7 @@ from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.ops.reference import attention_reference
 
-from helpers import assert_untouched, attention_rtol, clones, make_x
+from helpers import assert_untouched, attention_rtol, clones, cpp_attention_why_not, make_x
 
 CL = torch.channels_last_3d
 F32, BF16 = torch.float32, torch.bfloat16
@@ -42,6 +42,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
 needs_cpp = pytest.mark.skipif(dwconv_mod._cpp is None, reason="the C++ extension is not built")
 needs_onednn = pytest.mark.skipif(linear_mod._ONEDNN_LINEAR is None, reason="no oneDNN linear")
+needs_cpp_attention = pytest.mark.skipif(cpp_attention_why_not() is not None, reason=str(cpp_attention_why_not()))
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,12 @@ CASES = {
         grad_size=(2, 19, 2, 32), compile_size=(1, 17, 2, 32), deterministic=(((1, 17, 2, 32), F32),),
         opchecks={"fwd": _attention_opcheck("fwd"), "bwd": _attention_opcheck("bwd")},
         marks=(needs_triton,), opcheck_marks=(needs_interpreter,), rtol=attention_rtol),
+    "attention-cpp": Case(
+        _attention_inputs, lambda qkv, heads: ops.attention(qkv, heads, scale=0.2, backend="cpp"),
+        lambda qkv, heads: attention_reference(qkv, heads, 0.2),
+        grad_size=(2, 19, 2, 32), compile_size=(1, 17, 2, 32), deterministic=(((2, 40, 2, 64), F32),),
+        opchecks={"fwd": lambda: [("attention_cpp", (torch.randn(1, 5, 3 * 2 * 32), 2, 0.2))]},
+        marks=(needs_cpp_attention,), opcheck_marks=(needs_cpp_attention,), training=False, cpu=True),
     "linear-triton": Case(
         _linear_inputs, lambda x, w, b: ops.linear(x, w, b, activation="gelu", backend="triton"),
         _linear_reference, grad_size=((5, 7, 20), 18), compile_size=((2, 5, 20), 18),

@@ -16,6 +16,8 @@ import torch
 from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 
+from helpers import cpp_attention_why_not
+
 
 @dataclass(frozen=True)
 class OpCase:
@@ -41,7 +43,7 @@ CASES = [
            backends=("reference", "cpp", "triton"), no_grad_backends=("cpp",)),
     # head_dim 32: one the Triton kernels support.
     OpCase("attention", ops.attention, dict(qkv=(2, 5, 3 * 2 * 32)), dict(num_heads=2),
-           backends=("reference", "sdpa", "triton")),
+           backends=("reference", "sdpa", "cpp", "triton"), no_grad_backends=("cpp",)),
     OpCase("dpe_layernorm", ops.dpe_layernorm,
            dict(x=X5, weight=(C, 1, 3, 3, 3), bias=(C,), ln_weight=(C,), ln_bias=(C,))),
     OpCase("dpe_bn_stats", ops.dpe_bn_stats, dict(x=X5, weight=(C, 1, 3, 3, 3), bias=(C,))),
@@ -55,16 +57,25 @@ CASES = [
 CASE_IDS = [c.name for c in CASES]
 
 
+def _why_not_runnable(backend: str, op: str = "attention"):
+    if backend == "triton" and not (HAS_TRITON and INTERPRET):
+        return "triton kernels need TRITON_INTERPRET=1 on the CPU"
+    if backend == "cpp" and op == "attention":
+        return cpp_attention_why_not(torch.float32)
+    return None
+
+
 def _runnable(backend: str) -> bool:
-    if backend == "triton":
-        return HAS_TRITON and INTERPRET
-    return True
+    return _why_not_runnable(backend) is None
 
 
 def _backend_params(cases=CASES):
-    return [pytest.param(c, b, id=f"{c.name}-{b}", marks=() if _runnable(b) else
-                         pytest.mark.skip(reason="triton kernels need TRITON_INTERPRET=1 on the CPU"))
-            for c in cases for b in c.backends]
+    params = []
+    for c in cases:
+        for b in c.backends:
+            reason = _why_not_runnable(b, c.name)
+            params.append(pytest.param(c, b, id=f"{c.name}-{b}", marks=pytest.mark.skip(reason=reason) if reason else ()))
+    return params
 
 
 def _random(case: OpCase, dtype=torch.float32) -> dict:
@@ -216,7 +227,7 @@ def test_nonfinite_inputs_propagate(case, backend, value):
         bad_ref = ~torch.isfinite(e)
         assert bad_ref.any(), f"output {i}: the reference hides the non-finite input"
         assert (~torch.isfinite(a))[bad_ref].all(), f"output {i}: {backend} hides a non-finite value"
-        if not (case.name == "attention" and backend == "sdpa" and math.isinf(value)):
+        if not (case.name == "attention" and backend in ("sdpa", "cpp") and math.isinf(value)):
             assert torch.equal(torch.isfinite(a), ~bad_ref), f"output {i}: {backend} invents non-finite values"
         ok = ~bad_ref
         torch.testing.assert_close(a[ok].double(), e[ok], rtol=1e-4, atol=1e-5)
@@ -247,12 +258,13 @@ ATTENTION_NAN_CASES = {
 
 @QUIET_NAN
 @pytest.mark.parametrize("how", ATTENTION_NAN_CASES)
-@pytest.mark.parametrize("backend", [b for b in ("sdpa", "triton", "auto") if _runnable(b)])
+@pytest.mark.parametrize("backend", [b for b in ("sdpa", "cpp", "triton", "auto") if _runnable(b)])
 def test_attention_nan_matches_the_reference_exactly(backend, how):
     qkv = torch.randn(2, 5, 3 * 2 * 32)
     ATTENTION_NAN_CASES[how](qkv)
     expected = ops.attention(qkv.double(), 2, backend="reference")
-    got = ops.attention(qkv, 2, backend=backend)
+    with torch.no_grad():
+        got = ops.attention(qkv, 2, backend=backend)
     assert torch.equal(torch.isnan(got), torch.isnan(expected))
     ok = torch.isfinite(expected)
     torch.testing.assert_close(got[ok].double(), expected[ok], rtol=1e-4, atol=1e-5)

@@ -38,7 +38,7 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: Optional[float] = Non
         num_heads: number of heads; head_dim = C // num_heads.
         scale: logit scale; defaults to head_dim ** -0.5.
         dropout_p: dropout on the attention probabilities (pass 0 in eval mode).
-        backend: ``"reference"``, ``"sdpa"``, ``"triton"`` or ``"auto"``; ``None`` takes the one set
+        backend: ``"reference"``, ``"sdpa"``, ``"cpp"``, ``"triton"`` or ``"auto"``; ``None`` takes the one set
             by :func:`use_backend` / :func:`set_backend`.
 
     Returns:
@@ -55,7 +55,7 @@ def _prepare(qkv, num_heads, scale=None, dropout_p=0.0):
     return qkv, num_heads, head_dim ** -0.5 if scale is None else float(scale), float(dropout_p)
 
 
-_backend.define_op("attention", auto={"cuda": ("triton", "sdpa", "reference"), "cpu": ("sdpa", "reference")},
+_backend.define_op("attention", auto={"cuda": ("triton", "sdpa", "reference"), "cpu": ("cpp", "sdpa", "reference")},
                    prepare=_prepare)
 _backend.register("attention", "reference")(attention_reference)
 
@@ -92,12 +92,18 @@ def attention_sdpa(qkv: torch.Tensor, num_heads: int, scale: float,
     """
     if not math.isfinite(scale):
         return attention_reference(qkv, num_heads, scale, dropout_p)
-    out = sdpa_unchecked(qkv, num_heads, scale, dropout_p)
+    return _with_nonfinite_marks(sdpa_unchecked(qkv, num_heads, scale, dropout_p), qkv, num_heads).flatten(2)
+
+
+def _with_nonfinite_marks(out: torch.Tensor, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """out (B, N, heads, head_dim) with NaN put where the explicit softmax gives NaN (see
+    :func:`_nonfinite_marks`): checked first by one sum of qkv on eager CPU calls; compiled graphs
+    and CUDA (where the check would synchronise) always add the marks."""
     # A finite sum proves every element finite; an overflowing one only costs the marks.
     if (torch.compiler.is_compiling() or qkv.device.type != "cpu"
             or not math.isfinite(qkv.detach().sum().item())):
         out = out + _nonfinite_marks(qkv, num_heads)
-    return out.flatten(2)
+    return out
 
 
 def sdpa_unchecked(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
@@ -107,6 +113,84 @@ def sdpa_unchecked(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: f
     q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)
+
+
+# --- "cpp": the C++ CPU kernel (csrc/attention.cpp), inference -----------------------------------
+
+# A constant to torch.compile (which cannot trace into the extension); the ISA switch happens
+# outside compiled regions.
+@torch.compiler.assume_constant_result
+def _cpp_isa_why_not(bf16: bool) -> str:
+    """An empty string where the C++ kernel runs (bfloat16 if bf16) on the kernels' instruction set, else why not."""
+    from .dwconv3d import _cpp
+    isa = _cpp.isa()
+    if isa == "avx512" and _cpp.attention_supported(bf16):
+        return ""
+    lacks = "AVX512-BF16" if bf16 and isa == "avx512" else "AVX-512"
+    return f"needs a CPU with {lacks} (kernels' instruction set here: {isa})"
+
+
+def _cpp_why_not(qkv, num_heads, scale, dropout_p):
+    from .dwconv3d import _CPP_IMPORT_ERROR, _cpp
+    if _cpp is None:
+        return _CPP_IMPORT_ERROR
+    if qkv.device.type != "cpu":
+        return f"needs CPU tensors; got {qkv.device.type}"
+    if qkv.dtype not in (torch.float32, torch.bfloat16):
+        return f"supports float32 and bfloat16; got {qkv.dtype}"
+    reason = _cpp_isa_why_not(qkv.dtype == torch.bfloat16)
+    if reason:
+        return reason
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim % 32 or head_dim > 256:
+        return f"head_dim = qkv.shape[-1] // (3 * num_heads) must be a multiple of 32 up to 256; got {head_dim}"
+    if dropout_p > 0.0:
+        return (f"dropout on the attention probabilities is not supported (dropout_p={dropout_p}); "
+                "use backend='sdpa' or 'reference', or dropout_p=0")
+    if not math.isfinite(scale):
+        return f"scale must be finite; got {scale}"
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return "inference only (no backward); run under torch.no_grad(), or use backend='sdpa'"
+    return None
+
+
+def _attention_cpp(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    from .dwconv3d import _cpp
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    B, N, C3 = qkv.shape
+    out = qkv.new_empty(B, N, C3 // 3)
+    _cpp.attention_fwd(qkv.data_ptr(), out.data_ptr(), B, N, num_heads, C3 // (3 * num_heads), qkv.stride(0),
+                       qkv.stride(1), qkv.dtype == torch.bfloat16, scale, torch.get_num_threads())
+    return out
+
+
+# Opaque to torch.compile, with a fake for its shapes.
+@torch.library.custom_op("uniformer_fast::attention_cpp", mutates_args=())
+def attention_cpp_op(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """qkv (B, N, 3C) float32 or bfloat16 on the CPU -> (B, N, C) in its dtype."""
+    return _attention_cpp(qkv, num_heads, scale)
+
+
+@attention_cpp_op.register_fake
+def _(qkv, num_heads, scale):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty(B, N, C3 // 3)
+
+
+@_backend.register("attention", "cpp", why_not=_cpp_why_not)
+def attention_cpp(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The "cpp" backend (CPU inference): q, k and v read in place from qkv (B, N, 3 * C) through its
+    batch and token strides (feature stride 1, else copied once), one pass per block of 8 queries
+    over all keys with an exact softmax; float32 with AVX-512, bfloat16 with AVX512-BF16 (float32
+    scores, softmax and accumulation; probabilities rounded to bfloat16 for P V); head_dim a
+    multiple of 32; no dropout, no backward. Non-finite inputs give NaN where the explicit softmax
+    does (:func:`_nonfinite_marks`). Returns (B, N, C) contiguous."""
+    # Eager calls skip the custom op's dispatch (tens of microseconds per call).
+    run = attention_cpp_op if torch.compiler.is_compiling() else _attention_cpp
+    out = run(qkv, num_heads, scale)
+    B, N, C = out.shape
+    return _with_nonfinite_marks(out.view(B, N, num_heads, C // num_heads), qkv, num_heads).flatten(2)
 
 
 # --- "triton": the fused kernels in kernels/attention.py ----------------------------------------
