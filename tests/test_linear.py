@@ -132,3 +132,33 @@ def test_cpp_packs_each_parameter_once_and_repacks_after_a_write(assert_close):
     ref = torch.utils.weak.WeakIdRef(conv.weight)
     del conv
     assert ref() is None  # the cache holds no reference to the parameter
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_onednn), "reference"])
+def test_autocast_casts_each_parameter_once_and_again_after_a_write(backend, assert_close):
+    """Under autocast with no gradient wanted, a parameter's weight (views included) is cast once
+    and the cast reused (and, on "cpp", packed once); a write to the parameter recasts it; with a
+    gradient wanted the cast stays differentiable and nothing is cached."""
+    conv = torch.nn.Conv3d(24, 40, 1)
+    x = torch.randn(2, 3, 33, 24)
+    dtype = torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        y = ops.linear(x, conv.weight.flatten(1), conv.bias, backend=backend)
+        (cached,) = linear_mod._CASTS[conv.weight].values()
+        ops.linear(x, conv.weight.flatten(1), conv.bias, backend=backend)
+        assert next(iter(linear_mod._CASTS[conv.weight].values())) is cached
+        assert_close(y, reference64(x, conv.weight.flatten(1), conv.bias, None), dtype=dtype)
+        conv.weight.mul_(-2.0)
+        y_new = ops.linear(x, conv.weight.flatten(1), conv.bias, backend=backend)
+        assert_close(y_new, reference64(x, conv.weight.flatten(1), conv.bias, None), dtype=dtype)
+        assert next(iter(linear_mod._CASTS[conv.weight].values())) is not cached
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):  # the serving route
+        assert_close(ops.linear(x, conv.weight.flatten(1), conv.bias, backend=backend),
+                     reference64(x, conv.weight.flatten(1), conv.bias, None), dtype=dtype)
+    lin = torch.nn.Linear(24, 40)
+    with torch.autocast("cpu", dtype=dtype):
+        ops.linear(x, lin.weight, lin.bias, backend="reference").float().sum().backward()
+    assert lin.weight.grad is not None and lin.weight not in linear_mod._CASTS
+    ref = torch.utils.weak.WeakIdRef(conv.weight)
+    del conv
+    assert ref() is None  # the cache holds no reference to the parameter

@@ -257,13 +257,30 @@ class SplitSABlock(nn.Module):
 
 
 def _patches(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
-    """x (B, C, T, H, W) -> the Conv3d's input patches (B, T', H', W', kt * kh * kw * C), each
-    patch tap-major with channels innermost (contiguous runs of a channels-last x)."""
+    """x (B, C, T, H, W) -> the Conv3d's input patches (B, T', H', W', K), K = C * kt * kh * kw,
+    gathered in the order that reads x in the longest contiguous runs: tap-major with channels
+    innermost for a channels-last x (runs of C), else channel-major as the Conv3d weight is laid
+    out (runs of kw along W; the input clip). :func:`_patch_weight` gives the weight rows in the
+    same order."""
     (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = kernel, stride, padding
+    channels_inner = _channels_inner(x)
     if pt or ph or pw:
         x = F.pad(x, (pw, pw, ph, ph, pt, pt))
     p = x.unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw, sw)  # (B, C, T', H', W', kt, kh, kw)
-    return p.permute(0, 2, 3, 4, 5, 6, 7, 1).flatten(4)
+    if channels_inner:
+        return p.permute(0, 2, 3, 4, 5, 6, 7, 1).flatten(4)
+    return p.permute(0, 2, 3, 4, 1, 5, 6, 7).flatten(4)
+
+
+def _channels_inner(x: torch.Tensor) -> bool:
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+def _patch_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The Conv3d weight (C_out, C, kt, kh, kw) as (C_out, K) rows in :func:`_patches`' order for x."""
+    if _channels_inner(x):
+        return weight.permute(0, 2, 3, 4, 1).flatten(1)
+    return weight.flatten(1)
 
 
 class PatchEmbed(nn.Module):
@@ -285,8 +302,7 @@ class PatchEmbed(nn.Module):
         # soundly (the gathered patches' unfold backward aborted in inductor's 2-thread CPU code).
         if x.device.type == "cpu" and not torch.is_grad_enabled() and ops.get_backend("linear") in ("auto", "cpp"):
             rows = _patches(x, proj.kernel_size, proj.stride, proj.padding)
-            weight = proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # taps-major, channels inner, as rows
-            x = ops.linear(rows, weight, proj.bias)
+            x = ops.linear(rows, _patch_weight(proj.weight, x), proj.bias)
         else:
             x = proj(x).permute(0, 2, 3, 4, 1)
         return self.norm(x).permute(0, 4, 1, 2, 3)
