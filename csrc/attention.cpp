@@ -5,13 +5,17 @@
 // (elements), unit stride inside a token; out is (B, N, heads * D) dense. Every key fits one pass:
 // a block of R query rows computes its whole row of scores (R x N floats, in L1/L2 for N up to a few
 // thousand), its exact softmax (no online rescaling) and then P V. Per (batch, head) K and V are
-// first laid out once for the micro-kernels:
-//   float32:  Kt[d][k] (K transposed, keys padded to a multiple of 32 with zeros); V read in place.
-//   bfloat16: Kp[d/2][k] = (K[k][d], K[k][d+1]) and Vp[k/2][d] = (V[k][d], V[k+1][d]) as 32-bit
-//             pairs, the operand layout of vdpbf16ps; P is rounded to bfloat16 for P V, as flash
-//             attention does on GPUs; scores, softmax statistics and both accumulations are float32.
-// Both matmuls use one micro-kernel shape: R rows of a broadcast-scalar operand times a 32-column
-// panel, 16 zmm accumulators.
+// first laid out once for the micro-kernels, as contiguous panels of 64 columns (keys padded to a
+// multiple of 64 with zeros; head_dim in panels of 64 and a last one of 32):
+//   float32:  K^T panels Kt[k/64][d][64 keys], V panels Vt[d/64][k][64 dims].
+//   bfloat16: the same over 32-bit pairs, the operand layout of vdpbf16ps: Kp[k/64][d/2][64 keys]
+//             of (K[k][d], K[k][d+1]) and Vp[d/64][k/2][64 dims] of (V[k][d], V[k+1][d]). P is
+//             rounded to bfloat16 for P V, as flash attention does on GPUs; scores, softmax
+//             statistics and both accumulations are float32.
+// Both matmuls use one micro-kernel shape: R = 6 rows of a broadcast-scalar operand times a
+// 64-column panel, 24 zmm accumulators. Measured on Zen 5, 2 threads, N = 784, head_dim 64 (GFLOP/s,
+// float32 / bfloat16): R = 8 x 32 columns 287 / 514, 2 x 64 214 / 463,
+// 4 x 64 409 / 705, 6 x 64 429 / 726; SDPA's flash kernel 185 / 175.
 #include "attention.h"
 
 #include <algorithm>
@@ -32,8 +36,12 @@
 
 namespace {
 
-constexpr int R = 8;      // query rows per micro-tile
-constexpr int COLS = 32;  // columns per micro-tile: keys of S = Q K^T, output dims of O = P V
+#ifndef UF_ATTENTION_ROWS
+#define UF_ATTENTION_ROWS 6
+#endif
+constexpr int R = UF_ATTENTION_ROWS;  // query rows per micro-tile
+constexpr int KEYS = 64;  // keys per S = Q K^T micro-tile (and the key padding)
+constexpr int DIMS = 64;  // output dims per O = P V micro-tile (the last may be 32)
 constexpr long ALIGN = 32;
 
 long round_up(long n, long m) { return (n + m - 1) / m * m; }
@@ -60,33 +68,36 @@ inline __m512 exp2_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// acc[i][j] (R x 32) = sum_k a[i][k] * b[k][j], k < kdim: a row i at a[i] (unit stride), b rows ldb
-// apart. float32.
-inline void panel_f32(const float* const* a, const float* b, long ldb, long kdim, __m512 acc[R][2]) {
-    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+// acc[i][j] (R x 16 NC) = sum_k a[i][k] * b[k][j], k < kdim: a row i at a[i] (unit stride), b a
+// panel of rows of 16 NC contiguous floats. float32.
+template <int NC>
+inline void panel_f32(const float* const* a, const float* b, long kdim, __m512 (&acc)[R][NC]) {
+    for (int i = 0; i < R; ++i)
+        for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
     for (long k = 0; k < kdim; ++k) {
-        const __m512 b0 = _mm512_loadu_ps(b + k * ldb), b1 = _mm512_loadu_ps(b + k * ldb + 16);
+        __m512 bk[NC];
+        for (int j = 0; j < NC; ++j) bk[j] = _mm512_loadu_ps(b + (k * NC + j) * 16);
 #pragma GCC unroll 8
         for (int i = 0; i < R; ++i) {
             const __m512 ai = _mm512_set1_ps(a[i][k]);
-            acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+            for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_fmadd_ps(ai, bk[j], acc[i][j]);
         }
     }
 }
 
 // The same over bfloat16 pairs: a[i] and b hold 32-bit (even, odd) pairs along k, kpairs of them;
 // float32 accumulation (vdpbf16ps).
-inline void panel_bf16(const uint32_t* const* a, const uint32_t* b, long ldb, long kpairs, __m512 acc[R][2]) {
-    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+template <int NC>
+inline void panel_bf16(const uint32_t* const* a, const uint32_t* b, long kpairs, __m512 (&acc)[R][NC]) {
+    for (int i = 0; i < R; ++i)
+        for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
     for (long k = 0; k < kpairs; ++k) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + k * ldb);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + k * ldb + 16);
+        __m512bh bk[NC];
+        for (int j = 0; j < NC; ++j) bk[j] = (__m512bh)_mm512_loadu_si512(b + (k * NC + j) * 16);
 #pragma GCC unroll 8
         for (int i = 0; i < R; ++i) {
             const __m512bh ai = (__m512bh)_mm512_set1_epi32((int)a[i][k]);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+            for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, bk[j]);
         }
     }
 }
@@ -116,23 +127,43 @@ inline float softmax_row(float* s, long n, long np) {
 struct Problem {
     long B, N, heads, D, sqb, sqn, threads;
     float scale_log2;  // scale * log2(e): scores go straight to log2 units
-    long Np;           // keys padded to a multiple of COLS
+    long Np;           // keys padded to a multiple of KEYS
 };
+
+// Row i of the scores block s (R x Np) = c * acc[i] at keys k0 .. k0 + 16 NC.
+template <int NC>
+inline void store_scores(const __m512 (&acc)[R][NC], __m512 c, float* s, long Np, long k0) {
+    for (int i = 0; i < R; ++i)
+        for (int j = 0; j < NC; ++j) _mm512_storeu_ps(s + i * Np + k0 + 16 * j, _mm512_mul_ps(acc[i][j], c));
+}
+
+// Output rows r0 .. r0 + rows of one head, dims d0 .. d0 + 16 NC: acc[i] / sum[i].
+template <int NC, typename T>
+inline void store_out(const __m512 (&acc)[R][NC], const float* inv, int rows, T* o, long C) {
+    for (int i = 0; i < rows; ++i) {
+        const __m512 w = _mm512_set1_ps(inv[i]);
+        for (int j = 0; j < NC; ++j) {
+            const __m512 y = _mm512_mul_ps(acc[i][j], w);
+            if constexpr (sizeof(T) == 4)
+                _mm512_storeu_ps(o + i * C + 16 * j, y);
+            else
+                _mm256_storeu_si256((__m256i*)(o + i * C + 16 * j), (__m256i)_mm512_cvtneps_pbh(y));
+        }
+    }
+}
 
 // One (batch, head, block of R query rows): scores, softmax, P V, out rows. Rows past N repeat row
 // N - 1 and are not stored.
-void rows_f32(const Problem& p, const float* qkv, const float* kt, long b, long h, long r0, float* out, float* s) {
+void rows_f32(const Problem& p, const float* qkv, const float* kt, const float* vt, long b, long h, long r0, float* out,
+              float* s) {
     const long C = p.heads * p.D;
     const float* q[R];
     for (int i = 0; i < R; ++i) q[i] = qkv + b * p.sqb + std::min(r0 + i, p.N - 1) * p.sqn + h * p.D;
-    __m512 acc[R][2];
     const __m512 c = _mm512_set1_ps(p.scale_log2);
-    for (long k0 = 0; k0 < p.Np; k0 += COLS) {
-        panel_f32(q, kt + k0, p.Np, p.D, acc);
-        for (int i = 0; i < R; ++i) {
-            _mm512_storeu_ps(s + i * p.Np + k0, _mm512_mul_ps(acc[i][0], c));
-            _mm512_storeu_ps(s + i * p.Np + k0 + 16, _mm512_mul_ps(acc[i][1], c));
-        }
+    for (long k0 = 0; k0 < p.Np; k0 += KEYS) {
+        __m512 acc[R][KEYS / 16];
+        panel_f32(q, kt + k0 * p.D, p.D, acc);
+        store_scores(acc, c, s, p.Np, k0);
     }
     float inv[R];
     const float* prow[R];
@@ -140,15 +171,17 @@ void rows_f32(const Problem& p, const float* qkv, const float* kt, long b, long 
         inv[i] = 1.0f / softmax_row(s + i * p.Np, p.N, p.Np);
         prow[i] = s + i * p.Np;
     }
-    const float* v = qkv + b * p.sqb + 2 * C + h * p.D;
     const int rows = (int)std::min<long>(R, p.N - r0);
-    for (long d0 = 0; d0 < p.D; d0 += COLS) {
-        panel_f32(prow, v + d0, p.sqn, p.N, acc);
-        for (int i = 0; i < rows; ++i) {
-            float* o = out + (b * p.N + r0 + i) * C + h * p.D + d0;
-            const __m512 w = _mm512_set1_ps(inv[i]);
-            _mm512_storeu_ps(o, _mm512_mul_ps(acc[i][0], w));
-            _mm512_storeu_ps(o + 16, _mm512_mul_ps(acc[i][1], w));
+    float* o = out + (b * p.N + r0) * C + h * p.D;
+    for (long d0 = 0; d0 < p.D; d0 += DIMS) {
+        if (p.D - d0 >= DIMS) {
+            __m512 acc[R][DIMS / 16];
+            panel_f32(prow, vt + d0 * p.Np, p.N, acc);
+            store_out(acc, inv, rows, o + d0, C);
+        } else {  // the last 32 dims
+            __m512 acc[R][2];
+            panel_f32(prow, vt + d0 * p.Np, p.N, acc);
+            store_out(acc, inv, rows, o + d0, C);
         }
     }
 }
@@ -159,14 +192,11 @@ void rows_bf16(const Problem& p, const uint16_t* qkv, const uint32_t* kp, const 
     const uint32_t* q[R];
     for (int i = 0; i < R; ++i)
         q[i] = reinterpret_cast<const uint32_t*>(qkv + b * p.sqb + std::min(r0 + i, p.N - 1) * p.sqn + h * p.D);
-    __m512 acc[R][2];
     const __m512 c = _mm512_set1_ps(p.scale_log2);
-    for (long k0 = 0; k0 < p.Np; k0 += COLS) {
-        panel_bf16(q, kp + k0, p.Np, p.D / 2, acc);
-        for (int i = 0; i < R; ++i) {
-            _mm512_storeu_ps(s + i * p.Np + k0, _mm512_mul_ps(acc[i][0], c));
-            _mm512_storeu_ps(s + i * p.Np + k0 + 16, _mm512_mul_ps(acc[i][1], c));
-        }
+    for (long k0 = 0; k0 < p.Np; k0 += KEYS) {
+        __m512 acc[R][KEYS / 16];
+        panel_bf16(q, kp + k0 * (p.D / 2), p.D / 2, acc);
+        store_scores(acc, c, s, p.Np, k0);
     }
     float inv[R];
     const uint32_t* prow[R];
@@ -180,13 +210,16 @@ void rows_bf16(const Problem& p, const uint16_t* qkv, const uint32_t* kp, const 
     }
     const int rows = (int)std::min<long>(R, p.N - r0);
     const long kpairs = round_up(p.N, 2) / 2;
-    for (long d0 = 0; d0 < p.D; d0 += COLS) {
-        panel_bf16(prow, vp + d0, p.D, kpairs, acc);
-        for (int i = 0; i < rows; ++i) {
-            uint16_t* o = out + (b * p.N + r0 + i) * C + h * p.D + d0;
-            const __m512 w = _mm512_set1_ps(inv[i]);
-            _mm256_storeu_si256((__m256i*)o, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][0], w)));
-            _mm256_storeu_si256((__m256i*)(o + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][1], w)));
+    uint16_t* o = out + (b * p.N + r0) * C + h * p.D;
+    for (long d0 = 0; d0 < p.D; d0 += DIMS) {
+        if (p.D - d0 >= DIMS) {
+            __m512 acc[R][DIMS / 16];
+            panel_bf16(prow, vp + d0 * (p.Np / 2), kpairs, acc);
+            store_out(acc, inv, rows, o + d0, C);
+        } else {
+            __m512 acc[R][2];
+            panel_bf16(prow, vp + d0 * (p.Np / 2), kpairs, acc);
+            store_out(acc, inv, rows, o + d0, C);
         }
     }
 }
@@ -220,52 +253,77 @@ bool attention_supported(bool bf16) {
 
 void attention_fwd(std::uintptr_t qkv_p, std::uintptr_t out_p, long B, long N, long heads, long D, long sqb,
                    long sqn, bool bf16, double scale, long threads) {
-    if (B < 1 || N < 1 || heads < 1 || D < COLS || D % COLS != 0 || D > 256)
+    if (B < 1 || N < 1 || heads < 1 || D < 32 || D % 32 != 0 || D > 256)
         throw std::invalid_argument("attention: needs B, N, heads >= 1 and head_dim a multiple of 32 up to 256");
     if (sqn < 3 * heads * D || sqb < 0)
         throw std::invalid_argument("attention: qkv's token stride must be at least 3 * heads * head_dim");
     if (!attention_supported(bf16))
         throw std::runtime_error(bf16 ? "attention: this CPU lacks AVX512-BF16" : "attention: this CPU lacks AVX-512");
 #ifdef UF_HAVE_ATTENTION_AVX512
-    const Problem p{B, N, heads, D, sqb, sqn, threads, (float)(scale * 1.4426950408889634), round_up(N, COLS)};
+    const Problem p{B, N, heads, D, sqb, sqn, threads, (float)(scale * 1.4426950408889634), round_up(N, KEYS)};
     const long C = heads * D, BH = B * heads, nblk = (N + R - 1) / R, nunit = BH * nblk;
-    // The packed K (and V for bf16) of every (batch, head), shared by the team.
-    const long kstride = round_up(D * p.Np, ALIGN), vstride = bf16 ? round_up(p.Np / 2 * D, ALIGN) : 0;
+    // The packed K and V panels of every (batch, head), shared by the team (32-bit elements:
+    // floats, or bfloat16 pairs).
+    const long kstride = round_up(D * p.Np / (bf16 ? 2 : 1), ALIGN), stride = 2 * kstride;
     static thread_local std::vector<float> packed;
-    float* pk = scratch(packed, (size_t)(BH * (kstride + vstride) + ALIGN));
+    float* pk = scratch(packed, (size_t)(BH * stride + ALIGN));
     const int nthreads = (int)std::max(1L, std::min({threads, nunit, 1024L}));
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (long bh = 0; bh < BH; ++bh) {
             const long b = bh / heads, h = bh % heads;
-            float* kdst = pk + bh * (kstride + vstride);
             if (!bf16) {
                 const float* kq = reinterpret_cast<const float*>(qkv_p) + b * sqb + C + h * D;
-                for (long k = 0; k < N; ++k)
-                    for (long d = 0; d < D; ++d) kdst[d * p.Np + k] = kq[k * sqn + d];
-                for (long d = 0; d < D; ++d) std::fill(kdst + d * p.Np + N, kdst + (d + 1) * p.Np, 0.0f);
-            } else {
-                const uint16_t* base = reinterpret_cast<const uint16_t*>(qkv_p) + b * sqb + h * D;
-                uint32_t* kp = reinterpret_cast<uint32_t*>(kdst);
-                uint32_t* vp = reinterpret_cast<uint32_t*>(kdst + kstride);
-                const long D2 = D / 2;
-                for (long k = 0; k < N; ++k) {
-                    const uint32_t* row = reinterpret_cast<const uint32_t*>(base + C + k * sqn);
-                    for (long d = 0; d < D2; ++d) kp[d * p.Np + k] = row[d];
+                const float* vq = kq + C;
+                float* kt = pk + bh * stride;
+                float* vt = kt + kstride;
+                for (long k0 = 0; k0 < p.Np; k0 += KEYS) {  // Kt[k/64][d][64]
+                    float* panel = kt + k0 * D;
+                    for (long j = 0; j < KEYS; ++j) {
+                        const long k = k0 + j;
+                        if (k < N)
+                            for (long d = 0; d < D; ++d) panel[d * KEYS + j] = kq[k * sqn + d];
+                        else
+                            for (long d = 0; d < D; ++d) panel[d * KEYS + j] = 0.0f;
+                    }
                 }
-                for (long d = 0; d < D2; ++d) std::fill(kp + d * p.Np + N, kp + (d + 1) * p.Np, 0u);
-                for (long k2 = 0; k2 < p.Np / 2; ++k2) {
-                    const long k = 2 * k2;
-                    const uint16_t* v0 = base + 2 * C + k * sqn;
-                    const uint16_t* v1 = v0 + sqn;
-                    uint32_t* dst = vp + k2 * D;
-                    if (k + 1 < N) {
-                        for (long d = 0; d < D; ++d) dst[d] = (uint32_t)v0[d] | ((uint32_t)v1[d] << 16);
-                    } else if (k < N) {
-                        for (long d = 0; d < D; ++d) dst[d] = (uint32_t)v0[d];
-                    } else {
-                        std::fill(dst, dst + D, 0u);
+                for (long d0 = 0; d0 < D; d0 += DIMS) {  // Vt[d/64][k][64 or the last 32]
+                    const long w = std::min<long>(DIMS, D - d0);
+                    for (long k = 0; k < p.Np; ++k) {
+                        float* dst = vt + d0 * p.Np + k * w;
+                        if (k < N) std::memcpy(dst, vq + k * sqn + d0, w * sizeof(float));
+                        else std::fill(dst, dst + w, 0.0f);
+                    }
+                }
+            } else {
+                const uint16_t* kq = reinterpret_cast<const uint16_t*>(qkv_p) + b * sqb + C + h * D;
+                const uint16_t* vq = kq + C;
+                uint32_t* kp = reinterpret_cast<uint32_t*>(pk + bh * stride);
+                uint32_t* vp = reinterpret_cast<uint32_t*>(pk + bh * stride + kstride);
+                const long D2 = D / 2;
+                for (long k0 = 0; k0 < p.Np; k0 += KEYS) {  // Kp[k/64][d/2][64]
+                    uint32_t* panel = kp + k0 * D2;
+                    for (long j = 0; j < KEYS; ++j) {
+                        const long k = k0 + j;
+                        const uint32_t* row = reinterpret_cast<const uint32_t*>(kq + k * sqn);
+                        for (long d = 0; d < D2; ++d) panel[d * KEYS + j] = k < N ? row[d] : 0u;
+                    }
+                }
+                for (long d0 = 0; d0 < D; d0 += DIMS) {  // Vp[d/64][k/2][64 or the last 32]
+                    const long w = std::min<long>(DIMS, D - d0);
+                    for (long k2 = 0; k2 < p.Np / 2; ++k2) {
+                        const long k = 2 * k2;
+                        const uint16_t* v0 = vq + k * sqn + d0;
+                        const uint16_t* v1 = v0 + sqn;
+                        uint32_t* dst = vp + d0 * (p.Np / 2) + k2 * w;
+                        if (k + 1 < N) {
+                            for (long d = 0; d < w; ++d) dst[d] = (uint32_t)v0[d] | ((uint32_t)v1[d] << 16);
+                        } else if (k < N) {
+                            for (long d = 0; d < w; ++d) dst[d] = (uint32_t)v0[d];
+                        } else {
+                            std::fill(dst, dst + w, 0u);
+                        }
                     }
                 }
             }
@@ -277,12 +335,13 @@ void attention_fwd(std::uintptr_t qkv_p, std::uintptr_t out_p, long B, long N, l
 #pragma omp for schedule(static)
         for (long unit = 0; unit < nunit; ++unit) {
             const long bh = unit / nblk, b = bh / heads, h = bh % heads, r0 = (unit % nblk) * R;
-            float* kdst = pk + bh * (kstride + vstride);
+            const float* kpanels = pk + bh * stride;
             if (!bf16)
-                rows_f32(p, reinterpret_cast<const float*>(qkv_p), kdst, b, h, r0, reinterpret_cast<float*>(out_p), s);
+                rows_f32(p, reinterpret_cast<const float*>(qkv_p), kpanels, kpanels + kstride, b, h, r0,
+                         reinterpret_cast<float*>(out_p), s);
             else
-                rows_bf16(p, reinterpret_cast<const uint16_t*>(qkv_p), reinterpret_cast<const uint32_t*>(kdst),
-                          reinterpret_cast<const uint32_t*>(kdst + kstride), b, h, r0,
+                rows_bf16(p, reinterpret_cast<const uint16_t*>(qkv_p), reinterpret_cast<const uint32_t*>(kpanels),
+                          reinterpret_cast<const uint32_t*>(kpanels + kstride), b, h, r0,
                           reinterpret_cast<uint16_t*>(out_p), s, pb);
         }
     }

@@ -345,7 +345,7 @@ bool has_openmp() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "uniformer_fast CPU kernels: depthwise 3-D convolution on channels-last float32 "
+    m.doc() = "uniformer_fast CPU kernels: depthwise 3-D convolution on channels-last float32, attention on packed qkv "
               "(data pointers, sizes and element strides in; no torch headers)";
     init_isa();
     m.def("dwconv3d_fwd", &dwconv3d_fwd, py::call_guard<py::gil_scoped_release>(),

@@ -181,7 +181,7 @@ def _(qkv, num_heads, scale):
 @_backend.register("attention", "cpp", why_not=_cpp_why_not)
 def attention_cpp(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """The "cpp" backend (CPU inference): q, k and v read in place from qkv (B, N, 3 * C) through its
-    batch and token strides (feature stride 1, else copied once), one pass per block of 8 queries
+    batch and token strides (feature stride 1, else copied once), one pass per block of 6 queries
     over all keys with an exact softmax; float32 with AVX-512, bfloat16 with AVX512-BF16 (float32
     scores, softmax and accumulation; probabilities rounded to bfloat16 for P V); head_dim a
     multiple of 32; no dropout, no backward. Non-finite inputs give NaN where the explicit softmax
