@@ -41,6 +41,11 @@ CASES = [
            backends=("reference", "cpp", "triton")),
     OpCase("linear", ops.linear, dict(x=(3, 5, 16), weight=(8, 16), bias=(8,)), dict(activation="gelu"),
            backends=("reference", "cpp", "triton"), no_grad_backends=("cpp",)),
+    OpCase("mlp", lambda x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, backend: ops.mlp(
+               x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=residual, backend=backend),
+           dict(x=(3, 5, 16), fc1_weight=(32, 16), fc1_bias=(32,), fc2_weight=(16, 32), fc2_bias=(16,),
+                residual=(3, 5, 16)),
+           backends=("reference", "cpp"), no_grad_backends=("cpp",)),
     # head_dim 32: one the Triton kernels support.
     OpCase("attention", ops.attention, dict(qkv=(2, 5, 3 * 2 * 32)), dict(num_heads=2),
            backends=("reference", "sdpa", "cpp", "triton"), no_grad_backends=("cpp",)),
@@ -89,7 +94,7 @@ def test_wrong_type_rank_dtype_device_named(case, backend):
     tensors = _random(case)
     for name, t in tensors.items():
         bad = [(t.tolist(), TypeError, "type"), (t.to(torch.int32), TypeError, "dtype")]
-        if not (case.name == "linear" and name == "x"):  # x (..., in_features) takes any rank
+        if not (case.name in ("linear", "mlp") and name == "x"):  # x (..., in_features) takes any rank
             bad.append((t[None], ValueError, "rank"))
         if len(tensors) > 1:
             bad += [(t.double(), TypeError, "dtype of another"),

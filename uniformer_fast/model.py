@@ -62,6 +62,13 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def _cpu_inference(x: torch.Tensor) -> bool:
+    """Whether this call is CPU inference on the fast matmul path (``ops.linear`` on "auto" or
+    "cpp", no autograd): the model then takes the inference-only ops (matmul patch embeddings, the
+    chunked MLP with its residual)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and ops.get_backend("linear") in ("auto", "cpp")
+
+
 def _pointwise(conv: nn.Conv3d, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
     """A 1x1x1 Conv3d (then ``activation``) as a matmul over channels on the channels-last view;
     keeps the layout."""
@@ -194,6 +201,11 @@ class CBlock(nn.Module):
         x, stats = _op_then_bn(self.norm2, ops.local_mhra_tail, ops.local_mhra_tail_bn_stats, u, self.attn.weight,
                                self.attn.bias, self.conv2.weight, self.conv2.bias, x, branch_scale=scale)
         # MLP: x = x + DropPath(fc2(GELU(fc1(norm2(x))))).
+        if stats is None and not self.training and _cpu_inference(x):
+            mlp = self.mlp
+            y = ops.mlp(self.norm2(x).permute(0, 2, 3, 4, 1), mlp.fc1.weight.flatten(1), mlp.fc1.bias,
+                        mlp.fc2.weight.flatten(1), mlp.fc2.bias, residual=x.permute(0, 2, 3, 4, 1))
+            return y.permute(0, 4, 1, 2, 3)
         h = self.mlp.drop(_bn_pointwise(self.norm2, self.mlp.fc1, x, stats, activation="gelu"))
         return x + self.drop_path(self.mlp.drop(_pointwise(self.mlp.fc2, h)))
 
@@ -219,7 +231,11 @@ class SABlock(nn.Module):
         B, C, T, H, W = x.shape
         t = x.flatten(2).transpose(1, 2)  # (B, N, C): a view when x is channels-last
         t = t + self.drop_path(self.attn(z.flatten(2).transpose(1, 2)))
-        t = t + self.drop_path(self.mlp(self.norm2(t)))
+        if not self.training and _cpu_inference(t):
+            mlp = self.mlp
+            t = ops.mlp(self.norm2(t), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, residual=t)
+        else:
+            t = t + self.drop_path(self.mlp(self.norm2(t)))
         return t.transpose(1, 2).reshape(B, C, T, H, W)
 
 
@@ -300,7 +316,7 @@ class PatchEmbed(nn.Module):
         proj = self.proj
         # Inference only: training keeps ATen's convolution, whose backward inductor compiles
         # soundly (the gathered patches' unfold backward aborted in inductor's 2-thread CPU code).
-        if x.device.type == "cpu" and not torch.is_grad_enabled() and ops.get_backend("linear") in ("auto", "cpp"):
+        if _cpu_inference(x):
             rows = _patches(x, proj.kernel_size, proj.stride, proj.padding)
             x = ops.linear(rows, _patch_weight(proj.weight, x), proj.bias)
         else:

@@ -12,14 +12,15 @@ from .dpe_bn import dpe_bn_stats
 from .dwconv3d import dwconv3d
 from .linear import cpu_native_dtypes, linear
 from .local_mhra import local_mhra_tail, local_mhra_tail_bn_stats
+from .mlp import mlp
 from .reference import (attention_reference, dpe_layernorm_reference, dwconv3d_reference,
-                        linear_reference)
+                        linear_reference, mlp_reference)
 from .reference import local_mhra_tail_reference
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "attention", "cpu_native_dtypes", "attention_reference", "available_backends", "backend_for",
     "dpe_layernorm", "dpe_layernorm_reference", "dwconv3d", "dwconv3d_reference", "get_backend",
-    "linear", "linear_reference", "set_backend",
+    "linear", "linear_reference", "mlp", "mlp_reference", "set_backend",
     "use_backend", "local_mhra_tail", "local_mhra_tail_reference", "dpe_bn_stats",
     "local_mhra_tail_bn_stats", "batch_stats", "fold_into_pointwise", "update_running_stats",
 ]

@@ -47,6 +47,14 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return F.gelu(y) if activation == "gelu" else y
 
 
+def mlp_reference(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+                  fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + fc2(gelu(fc1(x)))`` over the last dimension (exact GELU); no residual if None."""
+    y = F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return y if residual is None else residual + y
+
+
 def local_mhra_tail_reference(u: torch.Tensor, attn_weight: torch.Tensor, attn_bias: Optional[torch.Tensor],
                               conv2_weight: torch.Tensor, conv2_bias: Optional[torch.Tensor],
                               residual: Optional[torch.Tensor],
