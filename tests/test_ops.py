@@ -120,7 +120,8 @@ def test_whole_model_choice_applies_to_ops_that_have_it():
         assert {ops.get_backend(op) for op in ("attention", "dwconv3d", "linear")} == {"reference"}
     ops.set_backend("cpp")
     try:
-        assert ops.get_backend("dwconv3d") == "cpp" and ops.get_backend("attention") == "auto"
+        assert ops.get_backend("dwconv3d") == "cpp" and ops.get_backend("attention") == "cpp"
+        assert ops.get_backend("dpe_layernorm") == "auto"  # no cpp implementation: its default holds
     finally:
         ops.set_backend("auto")
 
