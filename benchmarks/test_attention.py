@@ -6,7 +6,8 @@ the official model's explicit attention (permute q/k/v out of the packed tensor,
 N x N probabilities, softmax, matmul, permute back) - what the official UniFormer runs.
 ``sdpa`` counts the layout copies it needs; which SDPA kernel ran is in ``kernels``.
 ``sdpa_unchecked`` is PyTorch's SDPA without the backend's NaN check: the row beside ``sdpa``
-shows what keeping NaN costs.
+shows what keeping NaN costs. ``cpp`` is the C++ CPU kernel (csrc/attention.cpp; inference only,
+so its fwd+bwd rows skip).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .harness import (DEVICE, DTYPE, DTYPE_NAME, ELEM_BYTES, HEAD_DIM, OP_FRAMES
                       run, sdpa_flags, stage_shape)
 
 BASELINE = "reference"
-ROWS = [BASELINE, "sdpa", "sdpa_unchecked", "triton"]
+ROWS = [BASELINE, "sdpa", "sdpa_unchecked", "cpp", "triton"]
 CASES = [(stage, frames) for stage in (3, 4) for frames in OP_FRAMES]
 PARAMS = ([(c, p, b) for p in ("fwd", "fwd+bwd") for c in CASES for b in ROWS]
           + [(c, p, "compile") for p in ("fwd", "fwd+bwd") for c in CASES])

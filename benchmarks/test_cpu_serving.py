@@ -17,6 +17,11 @@ OpenVINO with ``INFERENCE_PRECISION_HINT=bf16`` (on a CPU without bf16 instructi
 float32 and says so: ``backend_used`` records the precision it took). ONNX Runtime has no bf16 CPU
 path: its bf16 row skips.
 
+Allocator: ``fuse_for_inference()`` sets glibc's malloc thresholds for the whole process
+(:mod:`uniformer_fast.cpu_memory`), which would speed up every torch row measured after the first
+fused one; so this module sets them once at import and every row runs with them (OpenVINO and ONNX
+Runtime keep their own memory pools either way).
+
 Sizes: 8 frames at 64 px (the default small preset, a smoke test); with
 $UNIFORMER_FAST_BENCH_CPU=full the serving sizes, batch 1 at 8 and 16 frames and batch 4 at 8,
 224 px. Threads: $UNIFORMER_FAST_BENCH_THREADS (default 1), the same for every engine.
@@ -28,7 +33,7 @@ import importlib.util
 import pytest
 import torch
 
-from uniformer_fast import create_model, export_onnx, ops
+from uniformer_fast import cpu_memory, create_model, export_onnx, ops
 from uniformer_fast.official import OfficialUniFormer
 
 from . import floors
@@ -42,6 +47,8 @@ ROWS = [BASELINE, "reference", "auto", "auto+fused", "compile", "onnxruntime", "
 PRECISIONS = ("float32", "bf16")
 SHAPES = ([(1, 8, 224), (1, 16, 224), (4, 8, 224)] if CPU_PRESET == "full" else [(1, 8, 64)])
 PARAMS = [(s, p, r) for s in SHAPES for p in PRECISIONS for r in ROWS]
+
+cpu_memory.keep_freed_memory()
 
 
 def _id(param):
