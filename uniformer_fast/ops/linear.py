@@ -93,21 +93,33 @@ def _cast_once(t, dtype):
     base = t if t._base is None else t._base
     if not isinstance(base, torch.nn.Parameter) or (torch.is_grad_enabled() and t.requires_grad):
         return t
-    try:
-        version = t._version
-    except RuntimeError:  # an inference tensor keeps no version counter: a change would go unseen
-        return t
-    entries = _CASTS.get(base)
-    if entries is None:
-        entries = _CASTS[base] = {}
-    key = (t.data_ptr(), tuple(t.shape), t.stride(), dtype)
-    hit = entries.get(key)
-    if hit is None or hit[0] != version:
+
+    def cast():
         # Outside inference mode, so the cast is a normal tensor with a version counter of its own.
         with torch.inference_mode(False), torch.no_grad():
-            cast = t.detach().to(dtype)
-        _CAST_SOURCE[cast] = True
-        hit = entries[key] = (version, cast)
+            out = t.detach().to(dtype)
+        _CAST_SOURCE[out] = True
+        return out
+
+    cached = _per_view(_CASTS, base, t, dtype, cast)
+    return t if cached is None else cached
+
+
+def _per_view(cache, base: torch.Tensor, t: torch.Tensor, tag, make):
+    """``make()`` for the view t of ``base``, computed once per (view, tag) and again after a write to
+    base (t's version); kept in ``cache`` (weak in base). None when t keeps no version counter (an
+    inference tensor: a change would go unseen)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    entries = cache.get(base)
+    if entries is None:
+        entries = cache[base] = {}
+    key = (t.data_ptr(), tuple(t.shape), t.stride(), tag)
+    hit = entries.get(key)
+    if hit is None or hit[0] != version:
+        hit = entries[key] = (version, make())
     return hit[1]
 
 
@@ -180,23 +192,14 @@ _PACKED = torch.utils.weak.WeakIdKeyDictionary()
 
 
 def _prepacked(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """weight (N, K), a Parameter or a view of one (or a cached autocast copy of one), in oneDNN's packed layout (blocked for
-    ``rows`` rows when first packed; any row count reads it); anything else as it is."""
+    """weight (N, K), a Parameter or a view of one (or a cached autocast copy of one), in oneDNN's
+    packed layout (blocked for ``rows`` rows when first packed; any row count reads it); anything
+    else as it is."""
     base = weight if weight._base is None else weight._base
     if _REORDER is None or not (isinstance(base, torch.nn.Parameter) or base in _CAST_SOURCE) or rows == 0:
         return weight
-    try:
-        version = weight._version
-    except RuntimeError:  # an inference tensor keeps no version counter: a change would go unseen
-        return weight
-    entries = _PACKED.get(base)
-    if entries is None:
-        entries = _PACKED[base] = {}
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
-    hit = entries.get(key)
-    if hit is None or hit[0] != version:
-        hit = entries[key] = (version, _REORDER(weight.detach(), rows))
-    return hit[1]
+    packed = _per_view(_PACKED, base, weight, weight.dtype, lambda: _REORDER(weight.detach(), rows))
+    return weight if packed is None else packed
 
 
 def _onednn_rows(rows, weight, bias, activation):
