@@ -329,19 +329,25 @@ class PatchEmbed(nn.Module):
         return self.norm(x).permute(0, 4, 1, 2, 3)
 
 
+def _onednn_conv_dtypes() -> tuple:
+    if not torch.backends.mkldnn.is_available():
+        return ()
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+# Known at import: torch.compile cannot trace the queries.
+_ONEDNN_CONV_DTYPES = _onednn_conv_dtypes()
+
+
 def _onednn_convolution(x: torch.Tensor) -> bool:
     """Whether ATen runs a CPU convolution of x (under any autocast) on oneDNN: float32, or bfloat16
     where the CPU has bf16 instructions."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return torch.backends.mkldnn.is_available() and (
-        dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16()))
-
-
-def _onednn_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return dtype in _ONEDNN_CONV_DTYPES
 
 
 def _fold_bn_into_pointwise(bn: nn.BatchNorm3d, conv: nn.Conv3d) -> None:

@@ -43,7 +43,7 @@ def _validate(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
             check_like(name, b, "x", x)
     if residual is not None:
         out_shape = (*x.shape[:-1], fc2_weight.shape[0])
-        check_tensor("residual", residual, ndim=len(out_shape), form=str(out_shape))
+        check_tensor("residual", residual, ndim=len(out_shape), form="(..., out_features), the output's shape")
         if tuple(residual.shape) != out_shape:
             raise ValueError(f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
         check_like("residual", residual, "x", x)
