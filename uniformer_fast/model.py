@@ -303,10 +303,12 @@ class PatchEmbed(nn.Module):
     """Strided Conv3d then LayerNorm over channels; the output is channels-last in memory.
 
     In CPU inference (no autograd, ``ops.linear`` on "auto" or "cpp") the convolution runs on
-    oneDNN: as ATen's convolution on a channels-last input where oneDNN has a kernel for the dtype
-    (float32, and bfloat16 on CPUs with its instructions; 1.6 against 4.3 ms for the stem at
-    1x16x224, 2 threads), else as a matmul over its gathered patches (oneDNN's linear in any
-    autocast dtype; ATen's CPU half-precision 3-D convolution is a slow loop).
+    oneDNN. The stem, whose input is the channels-first clip, runs as ATen's convolution on a
+    channels-last copy of it where oneDNN has the dtype (float32, and bfloat16 on CPUs with its
+    instructions; 1.6 against 4.3 ms as gather + matmul at 1x16x224, 2 threads): its 4x4 kernel
+    always takes ATen's oneDNN path. The others run as a matmul over their gathered patches (runs of
+    C channels): ATen sends a batch-1 convolution with a 2x2 kernel and a small input to its slow
+    direct loop (3x the matmul at 1x8x224), and its CPU half-precision 3-D convolution is one too.
     """
 
     def __init__(self, in_chans: int, dim: int, kernel, stride, padding):
@@ -319,7 +321,7 @@ class PatchEmbed(nn.Module):
         # Inference only: training keeps ATen's convolution, whose backward inductor compiles
         # soundly (the gathered patches' unfold backward aborted in inductor's 2-thread CPU code).
         if _cpu_inference(x):
-            if _onednn_convolution(x):
+            if not _channels_inner(x) and _onednn_convolution(x):
                 x = proj(x.contiguous(memory_format=torch.channels_last_3d)).permute(0, 2, 3, 4, 1)
             else:
                 rows = _patches(x, proj.kernel_size, proj.stride, proj.padding)
