@@ -64,8 +64,8 @@ class DropPath(nn.Module):
 
 def _cpu_inference(x: torch.Tensor) -> bool:
     """Whether this call is CPU inference on the fast matmul path (``ops.linear`` on "auto" or
-    "cpp", no autograd): the model then takes the inference-only ops (matmul patch embeddings, the
-    chunked MLP with its residual)."""
+    "cpp", no autograd): the model then takes the inference-only paths (patch embeddings on oneDNN,
+    the chunked MLP with its residual)."""
     return x.device.type == "cpu" and not torch.is_grad_enabled() and ops.get_backend("linear") in ("auto", "cpp")
 
 

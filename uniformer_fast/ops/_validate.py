@@ -20,3 +20,13 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}); got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}); got {t.device}")
+
+
+def check_optional_vector(name: str, t, n: int, ref_name: str, ref: torch.Tensor) -> None:
+    """A bias-like argument: None, or a 1-D float tensor of n elements with ref's dtype and device."""
+    if t is None:
+        return
+    check_tensor(name, t, ndim=1, form=f"({n},)")
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},); got {tuple(t.shape)}")
+    check_like(name, t, ref_name, ref)

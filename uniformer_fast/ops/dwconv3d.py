@@ -8,7 +8,7 @@ import torch
 
 from . import backend as _backend
 from ..kernels._tiles import MAX_KERNEL, why_not_inputs
-from ._validate import check_like, check_tensor
+from ._validate import check_like, check_optional_vector, check_tensor
 from .reference import dwconv3d_reference
 
 
@@ -22,11 +22,7 @@ def _validate(x, weight, bias, residual):
     if any(k % 2 == 0 or k > MAX_KERNEL for k in weight.shape[2:]):
         raise ValueError(f"weight must have shape {form}; got kernel {tuple(weight.shape[2:])}")
     check_like("weight", weight, "x", x)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, form=f"({C},)")
-        if bias.shape[0] != C:
-            raise ValueError(f"bias must have shape ({C},); got {tuple(bias.shape)}")
-        check_like("bias", bias, "x", x)
+    check_optional_vector("bias", bias, C, "x", x)
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool; got {type(residual).__name__}")
     if x.numel() == 0:

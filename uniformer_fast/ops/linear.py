@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from ._validate import check_like, check_tensor
+from ._validate import check_like, check_optional_vector, check_tensor
 from ..kernels import dense, why_not_triton
 from ..kernels._tiles import why_not_dtype
 from .reference import linear_reference
@@ -42,11 +42,7 @@ def _validate(x, weight, bias, activation):
         raise ValueError(f"x's last dimension must equal weight's in_features {weight.shape[1]} "
                          f"(weight (out_features, in_features)); got x {tuple(x.shape)}")
     check_like("weight", weight, "x", x)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, form=f"({weight.shape[0]},)")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
-        check_like("bias", bias, "x", x)
+    check_optional_vector("bias", bias, weight.shape[0], "x", x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu'; got {activation!r}")
 

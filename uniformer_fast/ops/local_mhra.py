@@ -24,7 +24,7 @@ import torch
 
 from . import backend as _backend
 from ..kernels._tiles import why_not_inputs
-from ._validate import check_like, check_tensor
+from ._validate import check_like, check_optional_vector, check_tensor
 from .batchnorm import add_stats_grad, batch_stats
 from .dwconv3d import (MAX_KERNEL, _channels_last, _empty_channels_last, _weight_taps, dwconv3d,
                        dwconv3d_triton_bwd_dw, dwconv3d_triton_fwd)
@@ -46,12 +46,8 @@ def _validate(u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual, bra
         raise ValueError(f"conv2_weight must have shape ({C}, {C}, 1, 1, 1) for u with C={C}; "
                          f"got {tuple(conv2_weight.shape)}")
     check_like("conv2_weight", conv2_weight, "u", u)
-    for name, b in (("attn_bias", attn_bias), ("conv2_bias", conv2_bias)):
-        if b is not None:
-            check_tensor(name, b, ndim=1, form=f"({C},)")
-            if b.shape[0] != C:
-                raise ValueError(f"{name} must have shape ({C},); got {tuple(b.shape)}")
-            check_like(name, b, "u", u)
+    check_optional_vector("attn_bias", attn_bias, C, "u", u)
+    check_optional_vector("conv2_bias", conv2_bias, C, "u", u)
     if residual is not None:
         check_tensor("residual", residual, ndim=5, form=f"{tuple(u.shape)} (the shape of u)")
         if residual.shape != u.shape:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
-from ._validate import check_like, check_tensor
+from ._validate import check_like, check_optional_vector, check_tensor
 from .linear import _cast_once, _cpp_why_not as _linear_cpp_why_not, linear_onednn
 from .reference import mlp_reference
 
@@ -35,12 +35,8 @@ def _validate(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
                          f"got {tuple(fc2_weight.shape)}")
     for name, t in (("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
         check_like(name, t, "x", x)
-    for name, b, n in (("fc1_bias", fc1_bias, hidden), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
-        if b is not None:
-            check_tensor(name, b, ndim=1, form=f"({n},)")
-            if b.shape[0] != n:
-                raise ValueError(f"{name} must have shape ({n},); got {tuple(b.shape)}")
-            check_like(name, b, "x", x)
+    check_optional_vector("fc1_bias", fc1_bias, hidden, "x", x)
+    check_optional_vector("fc2_bias", fc2_bias, fc2_weight.shape[0], "x", x)
     if residual is not None:
         out_shape = (*x.shape[:-1], fc2_weight.shape[0])
         check_tensor("residual", residual, ndim=len(out_shape), form="(..., out_features), the output's shape")
