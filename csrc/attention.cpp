@@ -227,6 +227,150 @@ void rows_bf16(const Problem& p, const uint16_t* qkv, const uint32_t* kp, const 
 #pragma GCC pop_options
 #endif  // UF_HAVE_ATTENTION_AVX512
 
+#ifdef UF_HAVE_ATTENTION_AVX512
+// --- float32 with AVX2 + FMA (CPUs without AVX-512) ----------------------------------------------
+// The same algorithm on 8-wide vectors and 16 registers: micro-tiles of R2 = 6 rows x 16 columns
+// (12 ymm accumulators), panels 16 wide: Kt[k/16][d][16 keys], Vt[d/16][k][16 dims]. The tile
+// functions are kept out of line so that no loop constant around them competes with the
+// accumulators for the 16 registers.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+constexpr int R2 = 6;
+constexpr long W2 = 16;  // panel width: keys per S tile, dims per O tile
+constexpr int NC2 = W2 / 8;
+
+// 2^x for x <= 0 as exp2_nonpositive, the power of two built in the exponent bits: below -126 it
+// is 0 (at most 2^-126 of a row whose largest term is 1), and NaN stays NaN.
+inline __m256 exp2_nonpositive(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 y = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
+    // n = -127 gives exponent field 0: 0 times p.
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// epilogue(acc) with acc (R2 x 16) = a rows . a panel of rows of 16 contiguous floats, k < kdim.
+// The 12 accumulators are named variables: as an array (indexed in unrolled loops, or filled through
+// a reference) GCC stored them to the stack after every FMA in the k loop.
+#define UF_AVX2_ROW(i)                                                  \
+    {                                                                   \
+        const __m256 ai = _mm256_broadcast_ss(a[i] + k);                \
+        c##i##0 = _mm256_fmadd_ps(ai, b0, c##i##0);                     \
+        c##i##1 = _mm256_fmadd_ps(ai, b1, c##i##1);                     \
+    }
+template <typename Epilogue>
+inline void panel(const float* const* a, const float* b, long kdim, Epilogue epilogue) {
+    static_assert(R2 == 6 && NC2 == 2, "the accumulators below are written out for 6 x 16");
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+           c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (long k = 0; k < kdim; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(b + k * W2), b1 = _mm256_loadu_ps(b + k * W2 + 8);
+        UF_AVX2_ROW(0) UF_AVX2_ROW(1) UF_AVX2_ROW(2) UF_AVX2_ROW(3) UF_AVX2_ROW(4) UF_AVX2_ROW(5)
+    }
+    const __m256 acc[R2][NC2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    epilogue(acc);
+}
+#undef UF_AVX2_ROW
+
+// Scores of R2 query rows q[i] against keys k0 .. k0 + 16 (panel kt), times c, into s rows (Np apart).
+__attribute__((noinline)) void scores_tile(const float* const* q, const float* kt, long D, float c, float* s,
+                                           long Np, long k0) {
+    panel(q, kt, D, [&](const __m256 (&acc)[R2][NC2]) {
+        const __m256 cv = _mm256_set1_ps(c);
+        for (int i = 0; i < R2; ++i)
+            for (int j = 0; j < NC2; ++j) _mm256_storeu_ps(s + i * Np + k0 + 8 * j, _mm256_mul_ps(acc[i][j], cv));
+    });
+}
+
+// Output rows (rows <= R2) of dims d0 .. d0 + 16: P rows p[i] . V panel vt over n keys, times inv[i].
+__attribute__((noinline)) void out_tile(const float* const* p, const float* vt, long n, const float* inv,
+                                        int rows, float* o, long C) {
+    panel(p, vt, n, [&](const __m256 (&acc)[R2][NC2]) {
+        for (int i = 0; i < rows; ++i) {
+            const __m256 w = _mm256_set1_ps(inv[i]);
+            for (int j = 0; j < NC2; ++j) _mm256_storeu_ps(o + i * C + 8 * j, _mm256_mul_ps(acc[i][j], w));
+        }
+    });
+}
+
+inline __m256 live_lanes(long left) {  // all-ones in lanes < left
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::max(0L, std::min(left, 8L))),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+// softmax_row on 8-wide vectors: s = 2^(s - max) for k < n, 0 for n <= k < np; returns the sum.
+inline float softmax_row(float* s, long n, long np) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    long k = 0;
+    for (; k + 8 <= n; k += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + k));
+    if (k < n) m = _mm256_max_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + k), live_lanes(n - k)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(h));
+    __m256 sum = _mm256_setzero_ps();
+    for (k = 0; k < np; k += 8) {
+        __m256 e = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + k), mx));
+        if (k + 8 > n) e = _mm256_and_ps(e, live_lanes(n - k));
+        sum = _mm256_add_ps(sum, e);
+        _mm256_storeu_ps(s + k, e);
+    }
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));
+    return _mm_cvtss_f32(t);
+}
+
+// Kt[k/16][d][16] and Vt[d/16][k][16] of one (batch, head), keys padded to Np with zeros.
+void pack(const float* kq, const float* vq, long sqn, long N, long D, long Np, float* kt, float* vt) {
+    for (long k0 = 0; k0 < Np; k0 += W2) {
+        float* panel = kt + k0 * D;
+        for (long j = 0; j < W2; ++j) {
+            const long k = k0 + j;
+            for (long d = 0; d < D; ++d) panel[d * W2 + j] = k < N ? kq[k * sqn + d] : 0.0f;
+        }
+    }
+    for (long d0 = 0; d0 < D; d0 += W2)
+        for (long k = 0; k < Np; ++k) {
+            float* dst = vt + d0 * Np + k * W2;
+            if (k < N) std::memcpy(dst, vq + k * sqn + d0, W2 * sizeof(float));
+            else std::fill(dst, dst + W2, 0.0f);
+        }
+}
+
+// One (batch, head, block of R2 query rows); rows past N repeat row N - 1 and are not stored.
+void rows(const float* qkv, long sqb, long sqn, long N, long Np, long heads, long D, float c, const float* kt,
+          const float* vt, long b, long h, long r0, float* out, float* s) {
+    const long C = heads * D;
+    const float* q[R2];
+    for (int i = 0; i < R2; ++i) q[i] = qkv + b * sqb + std::min(r0 + i, N - 1) * sqn + h * D;
+    for (long k0 = 0; k0 < Np; k0 += W2) scores_tile(q, kt + k0 * D, D, c, s, Np, k0);
+    float inv[R2];
+    const float* prow[R2];
+    for (int i = 0; i < R2; ++i) {
+        inv[i] = 1.0f / softmax_row(s + i * Np, N, Np);
+        prow[i] = s + i * Np;
+    }
+    const int live = (int)std::min<long>(R2, N - r0);
+    float* o = out + (b * N + r0) * C + h * D;
+    for (long d0 = 0; d0 < D; d0 += W2) out_tile(prow, vt + d0 * Np, N, inv, live, o + d0, C);
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // UF_HAVE_ATTENTION_AVX512
+
 // Per-thread scratch reused between calls (OpenMP keeps its threads).
 template <typename T>
 T* scratch(std::vector<T>& v, size_t n) {
@@ -238,28 +382,57 @@ T* scratch(std::vector<T>& v, size_t n) {
 
 namespace uf {
 
-bool attention_supported(bool bf16) {
+bool attention_supported(bool bf16, bool avx2) {
 #ifdef UF_HAVE_ATTENTION_AVX512
     __builtin_cpu_init();
+    if (avx2) return !bf16 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("fma");
     return base && (!bf16 || __builtin_cpu_supports("avx512bf16"));
 #else
-    (void)bf16;
+    (void)bf16; (void)avx2;
     return false;
 #endif
 }
 
 void attention_fwd(std::uintptr_t qkv_p, std::uintptr_t out_p, long B, long N, long heads, long D, long sqb,
-                   long sqn, bool bf16, double scale, long threads) {
+                   long sqn, bool bf16, bool avx2, double scale, long threads) {
     if (B < 1 || N < 1 || heads < 1 || D < 32 || D % 32 != 0 || D > 256)
         throw std::invalid_argument("attention: needs B, N, heads >= 1 and head_dim a multiple of 32 up to 256");
     if (sqn < 3 * heads * D || sqb < 0)
         throw std::invalid_argument("attention: qkv's token stride must be at least 3 * heads * head_dim");
-    if (!attention_supported(bf16))
-        throw std::runtime_error(bf16 ? "attention: this CPU lacks AVX512-BF16" : "attention: this CPU lacks AVX-512");
+    if (!attention_supported(bf16, avx2))
+        throw std::runtime_error(avx2 ? (bf16 ? "attention: bfloat16 needs AVX512-BF16, not AVX2"
+                                              : "attention: this CPU lacks AVX2 and FMA")
+                                      : bf16 ? "attention: this CPU lacks AVX512-BF16" : "attention: this CPU lacks AVX-512");
 #ifdef UF_HAVE_ATTENTION_AVX512
+    if (avx2) {
+        const long C = heads * D, BH = B * heads, Np = round_up(N, avx2::W2), nblk = (N + avx2::R2 - 1) / avx2::R2;
+        const long nunit = BH * nblk, stride = 2 * round_up(D * Np, ALIGN);
+        const float c = (float)(scale * 1.4426950408889634);
+        const float* qkv = reinterpret_cast<const float*>(qkv_p);
+        static thread_local std::vector<float> packed;
+        float* pk = scratch(packed, (size_t)(BH * stride + ALIGN));
+        const int nthreads = (int)std::max(1L, std::min({threads, nunit, 1024L}));
+#pragma omp parallel num_threads(nthreads)
+        {
+#pragma omp for schedule(static)
+            for (long bh = 0; bh < BH; ++bh) {
+                const float* kq = qkv + (bh / heads) * sqb + C + (bh % heads) * D;
+                avx2::pack(kq, kq + C, sqn, N, D, Np, pk + bh * stride, pk + bh * stride + stride / 2);
+            }
+            static thread_local std::vector<float> srows;
+            float* s = scratch(srows, (size_t)(avx2::R2 * Np));
+#pragma omp for schedule(static)
+            for (long unit = 0; unit < nunit; ++unit) {
+                const long bh = unit / nblk;
+                avx2::rows(qkv, sqb, sqn, N, Np, heads, D, c, pk + bh * stride, pk + bh * stride + stride / 2,
+                           bh / heads, bh % heads, (unit % nblk) * avx2::R2, reinterpret_cast<float*>(out_p), s);
+            }
+        }
+        return;
+    }
     const Problem p{B, N, heads, D, sqb, sqn, threads, (float)(scale * 1.4426950408889634), round_up(N, KEYS)};
     const long C = heads * D, BH = B * heads, nblk = (N + R - 1) / R, nunit = BH * nblk;
     // The packed K and V panels of every (batch, head), shared by the team (32-bit elements:

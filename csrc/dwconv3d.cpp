@@ -370,11 +370,12 @@ PYBIND11_MODULE(_C, m) {
           "thread count.");
     m.def("attention_fwd", &uf::attention_fwd, py::call_guard<py::gil_scoped_release>(),
           py::arg("qkv"), py::arg("out"), py::arg("B"), py::arg("N"), py::arg("heads"), py::arg("D"),
-          py::arg("sqb"), py::arg("sqn"), py::arg("bf16"), py::arg("scale"), py::arg("threads"),
+          py::arg("sqb"), py::arg("sqn"), py::arg("bf16"), py::arg("avx2"), py::arg("scale"), py::arg("threads"),
           "out (B,N,heads*D) dense = softmax(scale q k^T) v per head, from qkv (B,N,3,heads,D; batch and "
-          "token strides sqb, sqn; unit stride in a token); float32, or bfloat16 bits if bf16.");
-    m.def("attention_supported", &uf::attention_supported, py::arg("bf16"),
-          "Whether this build and CPU run attention_fwd (in bfloat16 if bf16).");
+          "token strides sqb, sqn; unit stride in a token); float32, or bfloat16 bits if bf16; the AVX-512 "
+          "kernels, or the AVX2 + FMA ones (float32 only) if avx2.");
+    m.def("attention_supported", &uf::attention_supported, py::arg("bf16"), py::arg("avx2"),
+          "Whether this build and CPU run attention_fwd (in bfloat16 if bf16; on AVX2 if avx2).");
     m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
     m.def("supported_isas", &supported_isas, "Instruction sets this CPU can run, best first.");
     m.def("set_isa", &set_isa, py::arg("name"), "Select the kernels' instruction set; returns the previous one.");

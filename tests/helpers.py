@@ -73,8 +73,8 @@ def assert_stats_of_stored_y(y, mean, var, assert_close):
 
 
 def cpp_attention_why_not(dtype=torch.float32):
-    """None where the "cpp" attention kernel runs ``dtype`` on this CPU (AVX-512; AVX512-BF16 for
-    bfloat16), else why not."""
+    """None where the "cpp" attention kernel runs ``dtype`` with the kernels' instruction set in force
+    (AVX-512 or AVX2 for float32; AVX512-BF16 for bfloat16), else why not."""
     from uniformer_fast.ops.attention import _cpp_why_not
     with torch.no_grad():
         return _cpp_why_not(torch.empty(1, 1, 3 * 32, dtype=dtype), 1, 1.0, 0.0)

@@ -6,6 +6,8 @@ costs ~0.1 ms per op per program.
 """
 import copy
 
+import math
+
 import pytest
 import torch
 
@@ -270,20 +272,47 @@ def _needs_cpp_attention(dtype):
     return pytest.mark.skipif(reason is not None, reason=str(reason))
 
 
-CPP_DTYPES = [pytest.param(torch.float32, marks=_needs_cpp_attention(torch.float32), id="float32"),
-              pytest.param(torch.bfloat16, marks=_needs_cpp_attention(torch.bfloat16), id="bfloat16")]
+def _cpp_isa_case(dtype, isa):
+    """A (dtype, kernel instruction set) case, skipped where this CPU or build cannot run it."""
+    from uniformer_fast.ops.dwconv3d import _cpp
+    if _cpp is None or isa not in _cpp.supported_isas():
+        reason = f"needs the C++ extension on a CPU with {isa}"
+    else:
+        previous = _cpp.set_isa(isa)
+        try:
+            reason = cpp_attention_why_not(dtype)
+        finally:
+            _cpp.set_isa(previous)
+    name = str(dtype).removeprefix("torch.")
+    return pytest.param(dtype, isa, marks=pytest.mark.skipif(reason is not None, reason=str(reason)),
+                        id=f"{name}-{isa}")
+
+
+# Every kernel: float32 and bfloat16 on AVX-512, float32 on AVX2 (the kernels' instruction set, as
+# UNIFORMER_FAST_ISA sets it).
+CPP_CASES = [_cpp_isa_case(torch.float32, "avx512"), _cpp_isa_case(torch.bfloat16, "avx512"),
+             _cpp_isa_case(torch.float32, "avx2")]
 CPP_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-# (B, N, heads, head_dim): one token; N below, at and past the 8-query and 32-key blocks, odd N
-# (a bfloat16 key pair half padding); head_dim 32, 64 (the model's), 96 and 256.
+@pytest.fixture
+def cpp_isa(request):
+    """Runs the test with the C++ kernels' instruction set ``isa`` (from the dtype,isa parameters)."""
+    from uniformer_fast.ops.dwconv3d import _cpp
+    previous = _cpp.set_isa(request.getfixturevalue("isa"))
+    yield
+    _cpp.set_isa(previous)
+
+
+# (B, N, heads, head_dim): one token; N below, at and past the 6-query blocks and the 16-, 32- and
+# 64-key panels, odd N (a bfloat16 key pair half padding); head_dim 32, 64 (the model's), 96 and 256.
 CPP_SHAPES = [(1, 1, 1, 32), (2, 7, 2, 64), (1, 8, 1, 32), (1, 33, 3, 64), (2, 32, 1, 96), (1, 65, 2, 256),
               (3, 100, 2, 64)]
 
 
-@pytest.mark.parametrize("dtype", CPP_DTYPES)
+@pytest.mark.parametrize("dtype,isa", CPP_CASES)
 @pytest.mark.parametrize("B,N,heads,head_dim", CPP_SHAPES)
-def test_cpp_matches_reference_float64(B, N, heads, head_dim, dtype, assert_close):
+def test_cpp_matches_reference_float64(B, N, heads, head_dim, dtype, isa, cpp_isa, assert_close):
     qkv = torch.randn(B, N, 3 * heads * head_dim).to(dtype)
     scale = head_dim ** -0.5
     with torch.no_grad():
@@ -293,9 +322,9 @@ def test_cpp_matches_reference_float64(B, N, heads, head_dim, dtype, assert_clos
     assert_close(out, expected, rtol=CPP_RTOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", CPP_DTYPES)
+@pytest.mark.parametrize("dtype,isa", CPP_CASES)
 @pytest.mark.parametrize("layout", ["sliced", "transposed"])
-def test_cpp_strided_qkv(layout, dtype, assert_close):
+def test_cpp_strided_qkv(layout, dtype, isa, cpp_isa, assert_close):
     """Batch and token strides are read in place; a feature-strided view is copied first."""
     B, N, heads, head_dim = 2, 21, 2, 32
     C3 = 3 * heads * head_dim
@@ -309,8 +338,8 @@ def test_cpp_strided_qkv(layout, dtype, assert_close):
     assert_close(out, attention_reference(qkv.double(), heads, head_dim ** -0.5), rtol=CPP_RTOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", CPP_DTYPES)
-def test_cpp_extreme_logits(dtype, assert_close):
+@pytest.mark.parametrize("dtype,isa", CPP_CASES)
+def test_cpp_extreme_logits(dtype, isa, cpp_isa, assert_close):
     """Logits spread over +-400 (softmax rows of one dominant key and keys far below float32's
     exp range) and a row of exactly equal logits."""
     B, N, heads, head_dim = 1, 40, 1, 32
@@ -325,8 +354,30 @@ def test_cpp_extreme_logits(dtype, assert_close):
     assert_close(out[0, 3], qkv[0, :, 2 * head_dim:].double().mean(0), rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("dtype", CPP_DTYPES)
-def test_cpp_same_bits_for_any_thread_count(dtype):
+@pytest.mark.parametrize("dtype,isa", CPP_CASES)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e15], ids=["nan", "inf", "-inf", "1e15"])
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+def test_cpp_nonfinite_and_huge_inputs(dtype, isa, cpp_isa, value, where):
+    """One element NaN, +-inf or 1e15 (in a query, a key or a value of batch 1): non-finite
+    wherever the float64 reference is (the marks may add NaN with +-inf, as for "sdpa"), never
+    hiding one; with 1e15, the reference's values (a one-hot softmax row)."""
+    B, N, heads, head_dim = 2, 30, 2, 32
+    qkv = torch.randn(B, N, 3 * heads * head_dim)
+    qkv[1, 7, {"query": 3, "key": 64 + 3, "value": 128 + 3}[where]] = value
+    qkv = qkv.to(dtype)
+    with torch.no_grad():
+        out = ops.attention(qkv, heads, backend="cpp").double()
+    expected = attention_reference(qkv.double(), heads, head_dim ** -0.5)
+    bad = ~torch.isfinite(expected)
+    assert (~torch.isfinite(out))[bad].all(), "the kernel hides a non-finite value"
+    if math.isfinite(value) or math.isnan(value):
+        assert torch.equal(torch.isfinite(out), ~bad), "the kernel invents non-finite values"
+    ok = torch.isfinite(out) & ~bad
+    torch.testing.assert_close(out[ok], expected[ok], rtol=CPP_RTOL[dtype] * 10, atol=CPP_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,isa", CPP_CASES)
+def test_cpp_same_bits_for_any_thread_count(dtype, isa, cpp_isa):
     qkv = torch.randn(2, 50, 3 * 2 * 64).to(dtype)
     saved = torch.get_num_threads()
     try:
@@ -340,8 +391,8 @@ def test_cpp_same_bits_for_any_thread_count(dtype):
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 
-@pytest.mark.parametrize("dtype", CPP_DTYPES)
-def test_cpp_under_compile_matches_eager(dtype):
+@pytest.mark.parametrize("dtype,isa", CPP_CASES)
+def test_cpp_under_compile_matches_eager(dtype, isa, cpp_isa):
     qkv = torch.randn(2, 19, 3 * 2 * 32).to(dtype)
     compiled = torch.compile(lambda t: ops.attention(t, 2, backend="cpp"), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
@@ -361,17 +412,32 @@ def test_cpp_refuses_by_name_what_it_cannot_run(qkv, heads, kw, match):
 
 
 def test_cpp_follows_the_kernels_instruction_set():
-    """UNIFORMER_FAST_ISA / _C.set_isa below AVX-512 turns the kernel off, by name and in "auto"."""
+    """UNIFORMER_FAST_ISA / _C.set_isa: on AVX2 float32 runs the AVX2 kernel (the same results as
+    the AVX-512 one within rounding) and bfloat16 is refused, by name and in "auto"; on "generic"
+    nothing runs."""
     from uniformer_fast.ops.dwconv3d import _cpp
     if _cpp is None or "avx2" not in _cpp.supported_isas():
         pytest.skip("needs the C++ extension on an AVX2 CPU")
-    qkv = torch.randn(1, 4, 96)
+    qkv = torch.randn(1, 20, 3 * 64)
     previous = _cpp.set_isa("avx2")
     try:
-        with pytest.raises(BackendUnavailableError, match=r"needs a CPU with AVX-512 \(kernels' instruction set here: avx2\)"):
+        with torch.no_grad():
+            assert ops.backend_for(ops.attention, qkv, 1) == "cpp"
+            assert ops.backend_for(ops.attention, qkv.bfloat16(), 1) == "sdpa"
+            on_avx2 = ops.attention(qkv, 1, backend="cpp")
+        with pytest.raises(BackendUnavailableError,
+                           match=r"bfloat16 needs a CPU with AVX512-BF16 \(kernels' instruction set here: avx2\)"):
+            ops.attention(qkv.bfloat16(), 1, backend="cpp")
+        _cpp.set_isa("generic")
+        with pytest.raises(BackendUnavailableError,
+                           match=r"needs a CPU with AVX-512 or AVX2 \(kernels' instruction set here: generic\)"):
             ops.attention(qkv, 1, backend="cpp")
         with torch.no_grad():
             assert ops.backend_for(ops.attention, qkv, 1) == "sdpa"
+        if "avx512" in _cpp.supported_isas():
+            _cpp.set_isa("avx512")
+            with torch.no_grad():
+                torch.testing.assert_close(on_avx2, ops.attention(qkv, 1, backend="cpp"), rtol=1e-5, atol=1e-6)
     finally:
         _cpp.set_isa(previous)
 

@@ -121,13 +121,15 @@ def sdpa_unchecked(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: f
 # outside compiled regions.
 @torch.compiler.assume_constant_result
 def _cpp_isa_why_not(bf16: bool) -> str:
-    """An empty string where the C++ kernel runs (bfloat16 if bf16) on the kernels' instruction set, else why not."""
+    """An empty string where the C++ kernel runs (bfloat16 if bf16) on the kernels' instruction set
+    (AVX-512; float32 also AVX2), else why not."""
     from .dwconv3d import _cpp
     isa = _cpp.isa()
-    if isa == "avx512" and _cpp.attention_supported(bf16):
+    if isa in ("avx512", "avx2") and _cpp.attention_supported(bf16, isa == "avx2"):
         return ""
-    lacks = "AVX512-BF16" if bf16 and isa == "avx512" else "AVX-512"
-    return f"needs a CPU with {lacks} (kernels' instruction set here: {isa})"
+    if bf16:
+        return f"bfloat16 needs a CPU with AVX512-BF16 (kernels' instruction set here: {isa})"
+    return f"needs a CPU with AVX-512 or AVX2 (kernels' instruction set here: {isa})"
 
 
 def _cpp_why_not(qkv, num_heads, scale, dropout_p):
@@ -160,8 +162,10 @@ def _attention_cpp(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Ten
         qkv = qkv.contiguous()
     B, N, C3 = qkv.shape
     out = qkv.new_empty(B, N, C3 // 3)
+    # The AVX-512 kernels, or the AVX2 one where the kernels' instruction set is AVX2 (float32).
     _cpp.attention_fwd(qkv.data_ptr(), out.data_ptr(), B, N, num_heads, C3 // (3 * num_heads), qkv.stride(0),
-                       qkv.stride(1), qkv.dtype == torch.bfloat16, scale, torch.get_num_threads())
+                       qkv.stride(1), qkv.dtype == torch.bfloat16, _cpp.isa() == "avx2", scale,
+                       torch.get_num_threads())
     return out
 
 
@@ -182,8 +186,9 @@ def _(qkv, num_heads, scale):
 def attention_cpp(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """The "cpp" backend (CPU inference): q, k and v read in place from qkv (B, N, 3 * C) through its
     batch and token strides (feature stride 1, else copied once), one pass per block of 6 queries
-    over all keys with an exact softmax; float32 with AVX-512, bfloat16 with AVX512-BF16 (float32
-    scores, softmax and accumulation; probabilities rounded to bfloat16 for P V); head_dim a
+    over all keys with an exact softmax; float32 with AVX-512 or AVX2 + FMA (the kernels'
+    instruction set, ``uniformer_fast._C.isa()``), bfloat16 with AVX512-BF16 (float32 scores,
+    softmax and accumulation; probabilities rounded to bfloat16 for P V); head_dim a
     multiple of 32; no dropout, no backward. Non-finite inputs give NaN where the explicit softmax
     does (:func:`_nonfinite_marks`). Returns (B, N, C) contiguous."""
     # Eager calls skip the custom op's dispatch (tens of microseconds per call).
