@@ -16,12 +16,20 @@ def reference64(x, w, b, activation):
     return F.gelu(y) if activation == "gelu" else y
 
 
+@pytest.fixture(params=[True, False], ids=["gelu-in-epilogue", "gelu-after"])
+def gelu_placement(request, monkeypatch):
+    """Both places the "cpp" backend puts GELU (oneDNN's epilogue at AVX-512, ATen's in-place GELU
+    right after the matmul below), whichever this CPU takes."""
+    monkeypatch.setattr(linear_mod, "_GELU_IN_EPILOGUE", request.param)
+    return request.param
+
+
 @needs_onednn
 @pytest.mark.parametrize("shape", [(7, 64), (2, 3, 5, 4, 64), (1, 1, 32)])
 @pytest.mark.parametrize("out_features", [256, 17])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_cpp_matches_reference(shape, out_features, activation, with_bias, assert_close):
+def test_cpp_matches_reference(shape, out_features, activation, with_bias, gelu_placement, assert_close):
     x = torch.randn(shape)
     w, b = torch.randn(out_features, shape[-1]), torch.randn(out_features) if with_bias else None
     with torch.no_grad():
@@ -70,7 +78,7 @@ _HALF_PATHS = [pytest.param(dtype, native, id=f"{str(dtype)[6:]}-{'native' if na
 @needs_onednn
 @pytest.mark.parametrize("dtype,native", _HALF_PATHS)
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_cpp_half_precision(dtype, native, activation, monkeypatch, assert_close):
+def test_cpp_half_precision(dtype, native, activation, gelu_placement, monkeypatch, assert_close):
     natives = linear_mod.ONEDNN_NATIVE_DTYPES | {dtype} if native else linear_mod.ONEDNN_NATIVE_DTYPES - {dtype}
     monkeypatch.setattr(linear_mod, "ONEDNN_NATIVE_DTYPES", natives)
     x = torch.randn(2, 3, 5, 4, 72).to(memory_format=torch.channels_last_3d)[:, 1:]  # strided rows
