@@ -46,6 +46,11 @@ constexpr long ALIGN = 32;
 
 long round_up(long n, long m) { return (n + m - 1) / m * m; }
 
+// exp(y)'s Taylor series to degree 7, highest coefficient first (Horner), for both exp2 kernels.
+constexpr int EXP_TAYLOR_TERMS = 8;
+constexpr float EXP_TAYLOR[EXP_TAYLOR_TERMS] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
+                                                1.0f / 6,    0.5f,       1.0f,       1.0f};
+
 #ifdef UF_HAVE_ATTENTION_AVX512
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,fma")
@@ -57,14 +62,8 @@ inline __m512 exp2_nonpositive(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 y = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(EXP_TAYLOR[0]);
+    for (int i = 1; i < EXP_TAYLOR_TERMS; ++i) p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(EXP_TAYLOR[i]));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -247,14 +246,8 @@ inline __m256 exp2_nonpositive(__m256 x) {
     x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
     const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 y = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));
-    __m256 p = _mm256_set1_ps(1.0f / 5040);
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 720));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
+    __m256 p = _mm256_set1_ps(EXP_TAYLOR[0]);
+    for (int i = 1; i < EXP_TAYLOR_TERMS; ++i) p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(EXP_TAYLOR[i]));
     // n = -127 gives exponent field 0: 0 times p.
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
@@ -332,23 +325,6 @@ inline float softmax_row(float* s, long n, long np) {
     return _mm_cvtss_f32(t);
 }
 
-// Kt[k/16][d][16] and Vt[d/16][k][16] of one (batch, head), keys padded to Np with zeros.
-void pack(const float* kq, const float* vq, long sqn, long N, long D, long Np, float* kt, float* vt) {
-    for (long k0 = 0; k0 < Np; k0 += W2) {
-        float* panel = kt + k0 * D;
-        for (long j = 0; j < W2; ++j) {
-            const long k = k0 + j;
-            for (long d = 0; d < D; ++d) panel[d * W2 + j] = k < N ? kq[k * sqn + d] : 0.0f;
-        }
-    }
-    for (long d0 = 0; d0 < D; d0 += W2)
-        for (long k = 0; k < Np; ++k) {
-            float* dst = vt + d0 * Np + k * W2;
-            if (k < N) std::memcpy(dst, vq + k * sqn + d0, W2 * sizeof(float));
-            else std::fill(dst, dst + W2, 0.0f);
-        }
-}
-
 // One (batch, head, block of R2 query rows); rows past N repeat row N - 1 and are not stored.
 void rows(const float* qkv, long sqb, long sqn, long N, long Np, long heads, long D, float c, const float* kt,
           const float* vt, long b, long h, long r0, float* out, float* s) {
@@ -377,6 +353,43 @@ T* scratch(std::vector<T>& v, size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
 }
+
+#ifdef UF_HAVE_ATTENTION_AVX512
+// K and V of one (batch, head), float32, laid out for the micro-kernels: Kt[k/kw][d][kw] and
+// Vt[d/dw][k][w], w = dw or what is left of D for the last panel; keys padded to Np with zeros.
+void pack_f32(const float* kq, const float* vq, long sqn, long N, long D, long Np, long kw, long dw, float* kt,
+              float* vt) {
+    for (long k0 = 0; k0 < Np; k0 += kw) {
+        float* panel = kt + k0 * D;
+        for (long j = 0; j < kw; ++j) {
+            const long k = k0 + j;
+            for (long d = 0; d < D; ++d) panel[d * kw + j] = k < N ? kq[k * sqn + d] : 0.0f;
+        }
+    }
+    for (long d0 = 0; d0 < D; d0 += dw) {
+        const long w = std::min(dw, D - d0);
+        for (long k = 0; k < Np; ++k) {
+            float* dst = vt + d0 * Np + k * w;
+            if (k < N) std::memcpy(dst, vq + k * sqn + d0, w * sizeof(float));
+            else std::fill(dst, dst + w, 0.0f);
+        }
+    }
+}
+
+// On one team of threads: pack(bh) for every (batch, head), then unit(u) for every block of query
+// rows (static schedules: each thread keeps to a run of heads, whose panels stay in its L2).
+template <typename Pack, typename Unit>
+void in_team(long BH, long nunit, long threads, Pack pack, Unit unit) {
+    const int nthreads = (int)std::max(1L, std::min({threads, nunit, 1024L}));
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < BH; ++bh) pack(bh);
+#pragma omp for schedule(static)
+        for (long u = 0; u < nunit; ++u) unit(u);
+    }
+}
+#endif  // UF_HAVE_ATTENTION_AVX512
 
 }  // namespace
 
@@ -407,117 +420,88 @@ void attention_fwd(std::uintptr_t qkv_p, std::uintptr_t out_p, long B, long N, l
                                               : "attention: this CPU lacks AVX2 and FMA")
                                       : bf16 ? "attention: this CPU lacks AVX512-BF16" : "attention: this CPU lacks AVX-512");
 #ifdef UF_HAVE_ATTENTION_AVX512
-    if (avx2) {
-        const long C = heads * D, BH = B * heads, Np = round_up(N, avx2::W2), nblk = (N + avx2::R2 - 1) / avx2::R2;
-        const long nunit = BH * nblk, stride = 2 * round_up(D * Np, ALIGN);
-        const float c = (float)(scale * 1.4426950408889634);
-        const float* qkv = reinterpret_cast<const float*>(qkv_p);
-        static thread_local std::vector<float> packed;
-        float* pk = scratch(packed, (size_t)(BH * stride + ALIGN));
-        const int nthreads = (int)std::max(1L, std::min({threads, nunit, 1024L}));
-#pragma omp parallel num_threads(nthreads)
-        {
-#pragma omp for schedule(static)
-            for (long bh = 0; bh < BH; ++bh) {
-                const float* kq = qkv + (bh / heads) * sqb + C + (bh % heads) * D;
-                avx2::pack(kq, kq + C, sqn, N, D, Np, pk + bh * stride, pk + bh * stride + stride / 2);
-            }
-            static thread_local std::vector<float> srows;
-            float* s = scratch(srows, (size_t)(avx2::R2 * Np));
-#pragma omp for schedule(static)
-            for (long unit = 0; unit < nunit; ++unit) {
-                const long bh = unit / nblk;
-                avx2::rows(qkv, sqb, sqn, N, Np, heads, D, c, pk + bh * stride, pk + bh * stride + stride / 2,
-                           bh / heads, bh % heads, (unit % nblk) * avx2::R2, reinterpret_cast<float*>(out_p), s);
-            }
-        }
-        return;
-    }
-    const Problem p{B, N, heads, D, sqb, sqn, threads, (float)(scale * 1.4426950408889634), round_up(N, KEYS)};
-    const long C = heads * D, BH = B * heads, nblk = (N + R - 1) / R, nunit = BH * nblk;
+    const long C = heads * D, BH = B * heads;
+    const float c = (float)(scale * 1.4426950408889634);  // scores go straight to log2 units
     // The packed K and V panels of every (batch, head), shared by the team (32-bit elements:
     // floats, or bfloat16 pairs).
-    const long kstride = round_up(D * p.Np / (bf16 ? 2 : 1), ALIGN), stride = 2 * kstride;
     static thread_local std::vector<float> packed;
+    if (avx2) {
+        const long Np = round_up(N, avx2::W2), nblk = (N + avx2::R2 - 1) / avx2::R2;
+        const long half = round_up(D * Np, ALIGN);
+        const float* qkv = reinterpret_cast<const float*>(qkv_p);
+        float* pk = scratch(packed, (size_t)(BH * 2 * half + ALIGN));
+        in_team(
+            BH, BH * nblk, threads,
+            [&](long bh) {
+                const float* kq = qkv + (bh / heads) * sqb + C + (bh % heads) * D;
+                pack_f32(kq, kq + C, sqn, N, D, Np, avx2::W2, avx2::W2, pk + bh * 2 * half, pk + bh * 2 * half + half);
+            },
+            [&](long u) {
+                static thread_local std::vector<float> srows;
+                const long bh = u / nblk;
+                avx2::rows(qkv, sqb, sqn, N, Np, heads, D, c, pk + bh * 2 * half, pk + bh * 2 * half + half,
+                           bh / heads, bh % heads, (u % nblk) * avx2::R2, reinterpret_cast<float*>(out_p),
+                           scratch(srows, (size_t)(avx2::R2 * Np)));
+            });
+        return;
+    }
+    const Problem p{B, N, heads, D, sqb, sqn, threads, c, round_up(N, KEYS)};
+    const long nblk = (N + R - 1) / R;
+    const long kstride = round_up(D * p.Np / (bf16 ? 2 : 1), ALIGN), stride = 2 * kstride;
     float* pk = scratch(packed, (size_t)(BH * stride + ALIGN));
-    const int nthreads = (int)std::max(1L, std::min({threads, nunit, 1024L}));
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(static)
-        for (long bh = 0; bh < BH; ++bh) {
+    in_team(
+        BH, BH * nblk, threads,
+        [&](long bh) {
             const long b = bh / heads, h = bh % heads;
             if (!bf16) {
                 const float* kq = reinterpret_cast<const float*>(qkv_p) + b * sqb + C + h * D;
-                const float* vq = kq + C;
-                float* kt = pk + bh * stride;
-                float* vt = kt + kstride;
-                for (long k0 = 0; k0 < p.Np; k0 += KEYS) {  // Kt[k/64][d][64]
-                    float* panel = kt + k0 * D;
-                    for (long j = 0; j < KEYS; ++j) {
-                        const long k = k0 + j;
-                        if (k < N)
-                            for (long d = 0; d < D; ++d) panel[d * KEYS + j] = kq[k * sqn + d];
-                        else
-                            for (long d = 0; d < D; ++d) panel[d * KEYS + j] = 0.0f;
-                    }
+                pack_f32(kq, kq + C, sqn, N, D, p.Np, KEYS, DIMS, pk + bh * stride, pk + bh * stride + kstride);
+                return;
+            }
+            const uint16_t* kq = reinterpret_cast<const uint16_t*>(qkv_p) + b * sqb + C + h * D;
+            const uint16_t* vq = kq + C;
+            uint32_t* kp = reinterpret_cast<uint32_t*>(pk + bh * stride);
+            uint32_t* vp = reinterpret_cast<uint32_t*>(pk + bh * stride + kstride);
+            const long D2 = D / 2;
+            for (long k0 = 0; k0 < p.Np; k0 += KEYS) {  // Kp[k/64][d/2][64]
+                uint32_t* panel = kp + k0 * D2;
+                for (long j = 0; j < KEYS; ++j) {
+                    const long k = k0 + j;
+                    const uint32_t* row = reinterpret_cast<const uint32_t*>(kq + k * sqn);
+                    for (long d = 0; d < D2; ++d) panel[d * KEYS + j] = k < N ? row[d] : 0u;
                 }
-                for (long d0 = 0; d0 < D; d0 += DIMS) {  // Vt[d/64][k][64 or the last 32]
-                    const long w = std::min<long>(DIMS, D - d0);
-                    for (long k = 0; k < p.Np; ++k) {
-                        float* dst = vt + d0 * p.Np + k * w;
-                        if (k < N) std::memcpy(dst, vq + k * sqn + d0, w * sizeof(float));
-                        else std::fill(dst, dst + w, 0.0f);
-                    }
-                }
-            } else {
-                const uint16_t* kq = reinterpret_cast<const uint16_t*>(qkv_p) + b * sqb + C + h * D;
-                const uint16_t* vq = kq + C;
-                uint32_t* kp = reinterpret_cast<uint32_t*>(pk + bh * stride);
-                uint32_t* vp = reinterpret_cast<uint32_t*>(pk + bh * stride + kstride);
-                const long D2 = D / 2;
-                for (long k0 = 0; k0 < p.Np; k0 += KEYS) {  // Kp[k/64][d/2][64]
-                    uint32_t* panel = kp + k0 * D2;
-                    for (long j = 0; j < KEYS; ++j) {
-                        const long k = k0 + j;
-                        const uint32_t* row = reinterpret_cast<const uint32_t*>(kq + k * sqn);
-                        for (long d = 0; d < D2; ++d) panel[d * KEYS + j] = k < N ? row[d] : 0u;
-                    }
-                }
-                for (long d0 = 0; d0 < D; d0 += DIMS) {  // Vp[d/64][k/2][64 or the last 32]
-                    const long w = std::min<long>(DIMS, D - d0);
-                    for (long k2 = 0; k2 < p.Np / 2; ++k2) {
-                        const long k = 2 * k2;
-                        const uint16_t* v0 = vq + k * sqn + d0;
-                        const uint16_t* v1 = v0 + sqn;
-                        uint32_t* dst = vp + d0 * (p.Np / 2) + k2 * w;
-                        if (k + 1 < N) {
-                            for (long d = 0; d < w; ++d) dst[d] = (uint32_t)v0[d] | ((uint32_t)v1[d] << 16);
-                        } else if (k < N) {
-                            for (long d = 0; d < w; ++d) dst[d] = (uint32_t)v0[d];
-                        } else {
-                            std::fill(dst, dst + w, 0u);
-                        }
+            }
+            for (long d0 = 0; d0 < D; d0 += DIMS) {  // Vp[d/64][k/2][64 or the last 32]
+                const long w = std::min<long>(DIMS, D - d0);
+                for (long k2 = 0; k2 < p.Np / 2; ++k2) {
+                    const long k = 2 * k2;
+                    const uint16_t* v0 = vq + k * sqn + d0;
+                    const uint16_t* v1 = v0 + sqn;
+                    uint32_t* dst = vp + d0 * (p.Np / 2) + k2 * w;
+                    if (k + 1 < N) {
+                        for (long d = 0; d < w; ++d) dst[d] = (uint32_t)v0[d] | ((uint32_t)v1[d] << 16);
+                    } else if (k < N) {
+                        for (long d = 0; d < w; ++d) dst[d] = (uint32_t)v0[d];
+                    } else {
+                        std::fill(dst, dst + w, 0u);
                     }
                 }
             }
-        }
-        static thread_local std::vector<float> srows;
-        static thread_local std::vector<uint16_t> prows;
-        float* s = scratch(srows, (size_t)(R * p.Np));
-        uint16_t* pb = bf16 ? scratch(prows, (size_t)(R * p.Np)) : nullptr;
-#pragma omp for schedule(static)
-        for (long unit = 0; unit < nunit; ++unit) {
-            const long bh = unit / nblk, b = bh / heads, h = bh % heads, r0 = (unit % nblk) * R;
+        },
+        [&](long u) {
+            static thread_local std::vector<float> srows;
+            static thread_local std::vector<uint16_t> prows;
+            const long bh = u / nblk, b = bh / heads, h = bh % heads, r0 = (u % nblk) * R;
             const float* kpanels = pk + bh * stride;
+            float* s = scratch(srows, (size_t)(R * p.Np));
             if (!bf16)
                 rows_f32(p, reinterpret_cast<const float*>(qkv_p), kpanels, kpanels + kstride, b, h, r0,
                          reinterpret_cast<float*>(out_p), s);
             else
                 rows_bf16(p, reinterpret_cast<const uint16_t*>(qkv_p), reinterpret_cast<const uint32_t*>(kpanels),
                           reinterpret_cast<const uint32_t*>(kpanels + kstride), b, h, r0,
-                          reinterpret_cast<uint16_t*>(out_p), s, pb);
-        }
-    }
+                          reinterpret_cast<uint16_t*>(out_p), s, scratch(prows, (size_t)(R * p.Np)));
+        });
 #else
     (void)qkv_p; (void)out_p; (void)scale; (void)threads;
 #endif
