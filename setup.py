@@ -26,8 +26,8 @@ if os.environ.get("UNIFORMER_FAST_NATIVE", "0") not in ("", "0"):
 ext_modules = [] if os.environ.get("UNIFORMER_FAST_CPP", "1") == "0" else [
     Pybind11Extension(
         "uniformer_fast._C",
-        ["csrc/dwconv3d.cpp", "csrc/attention.cpp"],
-        depends=["csrc/dwconv3d_impl.h", "csrc/attention.h"],
+        ["csrc/dwconv3d.cpp", "csrc/attention.cpp", "csrc/gelu.cpp"],
+        depends=["csrc/dwconv3d_impl.h", "csrc/attention.h", "csrc/gelu.h", "csrc/gelu_impl.h"],
         cxx_std=17,
         extra_compile_args=compile_args,
         extra_link_args=link_args,

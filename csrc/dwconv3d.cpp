@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include "attention.h"
+#include "gelu.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -345,7 +346,8 @@ bool has_openmp() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "uniformer_fast CPU kernels: depthwise 3-D convolution on channels-last float32, attention on packed qkv "
+    m.doc() = "uniformer_fast CPU kernels: depthwise 3-D convolution on channels-last float32, attention on packed qkv, "
+              "GELU in place "
               "(data pointers, sizes and element strides in; no torch headers)";
     init_isa();
     m.def("dwconv3d_fwd", &dwconv3d_fwd, py::call_guard<py::gil_scoped_release>(),
@@ -376,6 +378,10 @@ PYBIND11_MODULE(_C, m) {
           "kernels, or the AVX2 + FMA ones (float32 only) if avx2.");
     m.def("attention_supported", &uf::attention_supported, py::arg("bf16"), py::arg("avx2"),
           "Whether this build and CPU run attention_fwd (in bfloat16 if bf16; on AVX2 if avx2).");
+    m.def("gelu_inplace", &uf::gelu_inplace, py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("n"),
+          py::arg("isa"), py::arg("threads"),
+          "x[0 .. n) = gelu(x) in place (float32, dense; the exact erf form to 2.4e-7 max(|x|, 1)) with "
+          "the kernels of instruction set isa.");
     m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
     m.def("supported_isas", &supported_isas, "Instruction sets this CPU can run, best first.");
     m.def("set_isa", &set_isa, py::arg("name"), "Select the kernels' instruction set; returns the previous one.");

@@ -16,12 +16,29 @@ def reference64(x, w, b, activation):
     return F.gelu(y) if activation == "gelu" else y
 
 
-@pytest.fixture(params=[True, False], ids=["gelu-in-epilogue", "gelu-after"])
+_cpp = importlib.import_module("uniformer_fast.ops.dwconv3d")._cpp
+ISAS = ("avx512", "avx2", "generic")
+
+
+def _isa_param(isa, id_prefix=""):
+    """A C++ kernel instruction set, skipped where this CPU or build cannot run it."""
+    ok = _cpp is not None and isa in _cpp.supported_isas()
+    return pytest.param(isa, id=id_prefix + isa,
+                        marks=pytest.mark.skipif(not ok, reason=f"needs the C++ extension on a CPU with {isa}"))
+
+
+@pytest.fixture(params=[pytest.param("epilogue", id="gelu-in-epilogue"),
+                        *(_isa_param(isa, "gelu-after-") for isa in ISAS)])
 def gelu_placement(request, monkeypatch):
-    """Both places the "cpp" backend puts GELU (oneDNN's epilogue at AVX-512, ATen's in-place GELU
-    right after the matmul below), whichever this CPU takes."""
-    monkeypatch.setattr(linear_mod, "_GELU_IN_EPILOGUE", request.param)
-    return request.param
+    """Both places the "cpp" backend puts GELU, whichever this CPU takes: oneDNN's epilogue (at
+    AVX-512) or our C++ GELU in place right after the matmul (below), with each of its kernels."""
+    monkeypatch.setattr(linear_mod, "_GELU_IN_EPILOGUE", request.param == "epilogue")
+    if request.param == "epilogue":
+        yield request.param
+        return
+    previous = _cpp.set_isa(request.param)
+    yield request.param
+    _cpp.set_isa(previous)
 
 
 @needs_onednn
@@ -36,6 +53,71 @@ def test_cpp_matches_reference(shape, out_features, activation, with_bias, gelu_
         y = ops.linear(x, w, b, activation=activation, backend="cpp")
     assert y.shape == shape[:-1] + (out_features,)
     assert_close(y, reference64(x, w, b, activation))
+
+
+def _gelu_cpp(x, isa, threads):
+    y = x.clone()
+    _cpp.gelu_inplace(y.data_ptr(), y.numel(), isa, threads)
+    return y
+
+
+# Lengths: empty, one element, below / at / past a vector of 4, 8 and 16 floats, past one 16K-float
+# chunk, and enough chunks for several threads.
+@pytest.mark.parametrize("isa", [_isa_param(isa) for isa in ISAS])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 17, 16385, 300007])
+def test_cpp_gelu_kernel_matches_float64(isa, n):
+    """The C++ GELU (a rational erf) against F.gelu in float64: |error| <= 2.4e-7 max(|x|, 1), the
+    bound its fit gives, over the whole range where erf is not yet +-1 and past it."""
+    x = torch.randn(n) * 3
+    x[: n // 3] = torch.linspace(-9, 9, n // 3)
+    y, ref = _gelu_cpp(x, isa, 2), F.gelu(x.double())
+    assert not torch.isnan(y).any()
+    err = ((y.double() - ref).abs() / x.double().abs().clamp_min(1)).max().item() if n else 0.0
+    assert err <= 2.4e-7, f"{isa}: max |error| / max(|x|, 1) = {err:.2e}"
+
+
+@pytest.mark.parametrize("isa", [_isa_param(isa) for isa in ISAS])
+def test_cpp_gelu_kernel_special_values(isa):
+    """NaN stays NaN, +inf gives +inf and -inf NaN (as ATen), huge negatives 0 (the erf fit's
+    overshoot past 1 clamped), huge positives themselves, in the vector body and the scalar tail."""
+    special = [float("nan"), float("inf"), -float("inf"), 3e38, -3e38, -1e30, 1e-30, 0.0, -0.0, -12.0]
+    for offset in (0, 5):  # offset 5: in a vector of 8 and in the tail of a 23-element span
+        x = torch.zeros(23)
+        x[offset:offset + len(special)] = torch.tensor(special)
+        y = _gelu_cpp(x, isa, 1)[offset:offset + len(special)]
+        expected = F.gelu(torch.tensor(special, dtype=torch.float64)).float()
+        torch.testing.assert_close(y, expected, equal_nan=True, atol=1e-30, rtol=1e-6)
+
+
+@pytest.mark.parametrize("isa", [_isa_param(isa) for isa in ISAS])
+def test_cpp_gelu_kernel_same_bits_for_any_thread_count(isa):
+    x = torch.randn(200003)
+    one = _gelu_cpp(x, isa, 1)
+    for threads in (2, 3, 16):
+        assert torch.equal(_gelu_cpp(x, isa, threads), one)
+
+
+def test_cpp_gelu_kernel_rejects_an_unknown_or_unsupported_isa():
+    if _cpp is None:
+        pytest.skip("needs the C++ extension")
+    x = torch.randn(8)
+    with pytest.raises(ValueError, match="unknown, or not one this build and CPU run"):
+        _cpp.gelu_inplace(x.data_ptr(), 8, "sse9", 1)
+    for isa in ISAS:
+        if isa not in _cpp.supported_isas():
+            with pytest.raises(ValueError, match=isa):
+                _cpp.gelu_inplace(x.data_ptr(), 8, isa, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_gelu_after_the_matmul_leaves_other_dtypes_to_aten(dtype, assert_close):
+    """_gelu_inplace takes float32 to the C++ kernel; other dtypes (and strided views) to ATen's."""
+    y = torch.randn(5, 12, dtype=dtype)
+    expected = F.gelu(y.double())
+    assert_close(linear_mod._gelu_inplace(y.clone()), expected, dtype=dtype)
+    strided = torch.randn(12, 5).t()  # clone() keeps these strides
+    assert not strided.clone().is_contiguous()
+    assert_close(linear_mod._gelu_inplace(strided.clone()), F.gelu(strided.double()))
 
 
 @needs_onednn

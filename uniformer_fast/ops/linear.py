@@ -3,7 +3,7 @@ optionally with GELU fused into the matmul's epilogue: validation and dispatch.
 
 Backends: ``"reference"`` (``F.linear``, then ``F.gelu``) and ``"cpp"``, the CPU fast path:
 PyTorch's bundled oneDNN matmul with the bias and the exact (erf) GELU applied in its epilogue
-(below AVX-512, GELU in place right after it: see :func:`_gelu_in_epilogue`),
+(below AVX-512, our C++ GELU in place right after it: see :func:`_gelu_in_epilogue`),
 for inference (float32; bfloat16/float16 natively where the CPU has those instructions, else
 computed in float32). On this project's CPUs it ran 2-3x faster than ``F.linear`` (MKL) and
 6x faster than ``F.linear`` + ``F.gelu`` for the MLP's first half, with bitwise-equal results
@@ -201,11 +201,12 @@ def _prepacked(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _gelu_in_epilogue() -> bool:
     """Whether GELU goes into oneDNN's matmul epilogue (ATen's vector code at AVX-512 or above) or
-    runs after it as ATen's in-place GELU (below: AVX2 and older). Measured (float32, 2 threads, Zen
+    runs in place after it (below: AVX2 and older; :func:`_gelu_inplace`). Measured (float32, 2 threads, Zen
     5, ms per UniFormer-S MLP fc1, stages 1-4; epilogue / matmul then in-place GELU): AVX-512 1.12 /
     1.39, 1.04 / 1.29, 1.38 / 1.38, 0.85 / 0.87; AVX2 (ATen and oneDNN capped) 2.73 / 2.49, 2.39 /
     2.06, 3.25 / 2.81, 1.99 / 1.74. oneDNN's erf polynomial on 8-wide vectors costs more than the
-    matmul's stores and reloads it saves."""
+    matmul's stores and reloads it saves (and in place, the C++ GELU
+    takes a third of ATen's time: 5 against 15 ms per UniFormer-S forward at 1x8, 2 threads, Zen 3)."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
@@ -219,7 +220,17 @@ def _onednn_rows(rows, weight, bias, activation):
         return _ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
     if _GELU_IN_EPILOGUE:
         return _ONEDNN_LINEAR(rows, weight, bias, "gelu", [], "none")
-    return torch.ops.aten.gelu_(_ONEDNN_LINEAR(rows, weight, bias, "none", [], ""))
+    return _gelu_inplace(_ONEDNN_LINEAR(rows, weight, bias, "none", [], ""))
+
+
+def _gelu_inplace(y: torch.Tensor) -> torch.Tensor:
+    """y = gelu(y) in place, y a fresh dense matmul output: the C++ kernel (csrc/gelu_impl.h, a
+    rational erf, 3x ATen's speed on AVX2) in float32, else ATen's."""
+    from .dwconv3d import _cpp
+    if _cpp is None or y.dtype != torch.float32 or not y.is_contiguous():
+        return torch.ops.aten.gelu_(y)
+    _cpp.gelu_inplace(y.data_ptr(), y.numel(), _cpp.isa(), torch.get_num_threads())
+    return y
 
 
 # Opaque to torch.compile: inductor has a lowering of mkldnn._linear_pointwise of its own, which
