@@ -1,12 +1,12 @@
 """The transformer MLP with its residual, ``residual + fc2(gelu(fc1(x)))``: validation and dispatch.
 
 Backends: ``"reference"`` (``F.linear``, ``F.gelu``, ``F.linear``, add; differentiable) and
-``"cpp"``, CPU inference on oneDNN (``ops.linear``'s "cpp" path, GELU in fc1's epilogue): where
-the hidden activation would be large (stage 1 at 4 x 8 x 224: 50176 x 256 floats, 51 MB) the rows
-go through in chunks whose hidden part stays in cache, and each chunk's fc2 output gets the residual
-added straight into the result. Allocations that size are fresh mmaps with glibc, so the unchunked
-MLP paid a page fault every 4 KiB on top of the DRAM round trip: 21 ms against 8.7 ms chunked for
-that shape (float32, 2 threads, Zen 5).
+``"cpp"``, CPU inference on oneDNN (``ops.linear``'s "cpp" path, GELU in fc1's epilogue, or right
+after it below AVX-512): where the hidden activation would be large (stage 1 at 4 x 8 x 224: 50176 x
+256 floats, 51 MB) the rows go through in chunks whose hidden part stays in cache, and each chunk's
+fc2 output gets the residual added straight into the result. Allocations that size are fresh mmaps
+with glibc, so the unchunked MLP paid a page fault every 4 KiB on top of the DRAM round trip: 21 ms
+against 8.7 ms chunked for that shape (float32, 2 threads, Zen 5).
 """
 from __future__ import annotations
 
