@@ -46,7 +46,7 @@ constexpr long ALIGN = 32;
 
 long round_up(long n, long m) { return (n + m - 1) / m * m; }
 
-// exp(y)'s Taylor series to degree 7, highest coefficient first (Horner), for both exp2 kernels.
+// exp(y)'s Taylor series to degree 7, highest coefficient first (Horner), for the AVX-512 exp2.
 constexpr int EXP_TAYLOR_TERMS = 8;
 constexpr float EXP_TAYLOR[EXP_TAYLOR_TERMS] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
                                                 1.0f / 6,    0.5f,       1.0f,       1.0f};
