@@ -378,8 +378,16 @@ PYBIND11_MODULE(_C, m) {
           "kernels, or the AVX2 + FMA ones (float32 only) if avx2.");
     m.def("attention_supported", &uf::attention_supported, py::arg("bf16"), py::arg("avx2"),
           "Whether this build and CPU run attention_fwd (in bfloat16 if bf16; on AVX2 if avx2).");
-    m.def("gelu_inplace", &uf::gelu_inplace, py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("n"),
-          py::arg("isa"), py::arg("threads"),
+    m.def("gelu_inplace",
+          [](std::uintptr_t x, long n, const std::string& name, long threads) {
+              const Isa* isa = find_isa(name);
+              if (!isa || !isa->supported())
+                  throw std::invalid_argument("gelu: ISA '" + name + "' is unknown, or not one this build and CPU "
+                                              "run (known: avx512, avx2, generic)");
+              py::gil_scoped_release release;
+              uf::gelu_inplace(x, n, name, threads);
+          },
+          py::arg("x"), py::arg("n"), py::arg("isa"), py::arg("threads"),
           "x[0 .. n) = gelu(x) in place (float32, dense; the exact erf form to 2.4e-7 max(|x|, 1)) with "
           "the kernels of instruction set isa.");
     m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");

@@ -41,16 +41,12 @@ namespace uf {
 namespace {
 
 void (*span_for(const std::string& isa))(float*, long) {
-    if (isa == "generic") return generic::gelu_span;
 #ifdef UF_GELU_X86
-    __builtin_cpu_init();
-    if (isa == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-        return avx512::gelu_span;
-    if (isa == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2::gelu_span;
+    if (isa == "avx512") return avx512::gelu_span;
+    if (isa == "avx2") return avx2::gelu_span;
 #endif
-    throw std::invalid_argument("gelu: ISA '" + isa + "' is unknown, or not one this build and CPU run "
-                                "(known: avx512, avx2, generic)");
+    if (isa == "generic") return generic::gelu_span;
+    throw std::invalid_argument("gelu: ISA '" + isa + "' is not built on this platform");
 }
 
 }  // namespace

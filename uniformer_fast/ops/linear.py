@@ -26,6 +26,7 @@ from . import backend as _backend
 from ._validate import check_like, check_optional_vector, check_tensor
 from ..kernels import dense, why_not_triton
 from ..kernels._tiles import why_not_dtype
+from .dwconv3d import _cpp
 from .reference import linear_reference
 
 ACTIVATIONS = (None, "gelu")
@@ -201,12 +202,12 @@ def _prepacked(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _gelu_in_epilogue() -> bool:
     """Whether GELU goes into oneDNN's matmul epilogue (ATen's vector code at AVX-512 or above) or
-    runs in place after it (below: AVX2 and older; :func:`_gelu_inplace`). Measured (float32, 2 threads, Zen
-    5, ms per UniFormer-S MLP fc1, stages 1-4; epilogue / matmul then in-place GELU): AVX-512 1.12 /
-    1.39, 1.04 / 1.29, 1.38 / 1.38, 0.85 / 0.87; AVX2 (ATen and oneDNN capped) 2.73 / 2.49, 2.39 /
-    2.06, 3.25 / 2.81, 1.99 / 1.74. oneDNN's erf polynomial on 8-wide vectors costs more than the
-    matmul's stores and reloads it saves (and in place, the C++ GELU
-    takes a third of ATen's time: 5 against 15 ms per UniFormer-S forward at 1x8, 2 threads, Zen 3)."""
+    runs in place after it (below: AVX2 and older; :func:`_gelu_inplace`). Measured (float32, 2
+    threads, Zen 5, ms per UniFormer-S MLP fc1, stages 1-4; epilogue / matmul then ATen's in-place
+    GELU): AVX-512 1.12 / 1.39, 1.04 / 1.29, 1.38 / 1.38, 0.85 / 0.87; AVX2 (ATen and oneDNN capped)
+    2.73 / 2.49, 2.39 / 2.06, 3.25 / 2.81, 1.99 / 1.74. oneDNN's erf polynomial on 8-wide vectors
+    costs more than the matmul's stores and reloads it saves; the C++ GELU in place then takes half
+    of ATen's time (7 against 12-15 ms per UniFormer-S forward at 1x8, 2 threads, Zen 3)."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
@@ -225,8 +226,7 @@ def _onednn_rows(rows, weight, bias, activation):
 
 def _gelu_inplace(y: torch.Tensor) -> torch.Tensor:
     """y = gelu(y) in place, y a fresh dense matmul output: the C++ kernel (csrc/gelu_impl.h, a
-    rational erf, 3x ATen's speed on AVX2) in float32, else ATen's."""
-    from .dwconv3d import _cpp
+    rational erf, a third of ATen's cycles per element on AVX2) in float32, else ATen's."""
     if _cpp is None or y.dtype != torch.float32 or not y.is_contiguous():
         return torch.ops.aten.gelu_(y)
     _cpp.gelu_inplace(y.data_ptr(), y.numel(), _cpp.isa(), torch.get_num_threads())
