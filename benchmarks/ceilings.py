@@ -35,20 +35,27 @@ def _time_cuda(fn, reps=20, warmup=3):
     return statistics.median(times)
 
 
+def _copy_time(n_bytes, dev):
+    """Seconds to copy n_bytes of bfloat16 from one buffer into another (both freed on return)."""
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=dev).normal_()
+    dst = torch.empty_like(src)
+    return _time_cuda(lambda: dst.copy_(src))
+
+
+def _matmul_time(n, dev):
+    """Seconds for one n x n x n bfloat16 matmul."""
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    return _time_cuda(lambda: torch.mm(a, b))
+
+
 def measure() -> dict:
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     name = torch.cuda.get_device_name(dev)
-    n_bytes = 1 << 30
-    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=dev).normal_()
-    dst = torch.empty_like(src)
-    t_copy = _time_cuda(lambda: dst.copy_(src))
-    del src, dst
-    n = 8192
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    t_mm = _time_cuda(lambda: torch.mm(a, b))
-    del a, b
+    n_bytes, n = 1 << 30, 8192
+    t_copy = _copy_time(n_bytes, dev)
+    t_mm = _matmul_time(n, dev)
     table = next((v for k, v in floors.CEILINGS.items() if k in name), {})
     return {
         "device": name,

@@ -7,6 +7,7 @@ fixture stands in: it times ``pedantic`` rounds the same way, and results reach 
 ``$UNIFORMER_FAST_BENCH_JSONL`` (see harness.py); pytest-benchmark's own options are then absent.
 """
 import gc
+import importlib.util
 import statistics
 import time
 from types import SimpleNamespace
@@ -14,11 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-try:
-    import pytest_benchmark  # noqa: F401
-    HAVE_PYTEST_BENCHMARK = True
-except ImportError:
-    HAVE_PYTEST_BENCHMARK = False
+HAVE_PYTEST_BENCHMARK = importlib.util.find_spec("pytest_benchmark") is not None
 
 
 @pytest.fixture(autouse=True)

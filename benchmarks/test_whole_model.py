@@ -92,8 +92,9 @@ def test_model(benchmark, param):
             with torch.no_grad():
                 return model(x)
 
-    call = step
-    if choice is not None:
+    if choice is None:
+        call = step
+    else:
         def call():
             with backend_scope(choice):
                 return step()

@@ -110,7 +110,7 @@ def test_float32_matmul_precision_follows_torch_setting():
 def test_triton_masked_keys_with_very_negative_logits(device, assert_close):
     """All logits near -400: exp(s - lse) of a zero-filled tail key would overflow to inf (and
     inf * 0 = NaN) unless the tail keys are masked in the backward too."""
-    B, N, heads, head_dim = 1, 17, 1, 32
+    N, heads, head_dim = 17, 1, 32
     u = torch.nn.functional.normalize(torch.randn(head_dim), dim=0) * 20
     q = u.expand(N, head_dim) + 0.1 * torch.randn(N, head_dim)
     k = -u.expand(N, head_dim) + 0.1 * torch.randn(N, head_dim)

@@ -37,7 +37,7 @@ def _validate(x, weight, bias, activation):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (..., in_features); got {type(x).__name__}")
     if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension, shape (..., in_features); got a 0-D tensor")
+        raise ValueError("x must have at least 1 dimension, shape (..., in_features); got a 0-D tensor")
     check_tensor("weight", weight, ndim=2, form="(out_features, in_features)")
     check_tensor("x", x, ndim=x.dim(), form="(..., in_features)")
     if x.shape[-1] != weight.shape[1]:
