@@ -165,7 +165,9 @@ def command(part: Part, paths: "Paths", k: Optional[str], with_compile: bool) ->
     if part.kind == "ceilings":
         return [py, "-m", "benchmarks.ceilings", "--out", paths.ceilings]
     if part.kind == "tests":
-        argv = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--durations=5"]
+        # -m "": every test named, whatever its tier (the fast/slow split is about the CPU's
+        # interpreter; on the GPU the compiled kernels run them in seconds).
+        argv = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--durations=5", "-m", ""]
         if _has_module("xdist"):  # pytest-xdist: the cold Triton compiles in parallel
             argv += ["-n", str(PARITY_WORKERS)]
         return argv + list(part.args)

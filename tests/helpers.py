@@ -1,8 +1,12 @@
 """Input makers shared by the kernel tests (importable as ``helpers``: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import importlib
+import itertools
+import socket
 from fractions import Fraction
 
+import pytest
 import torch
 
 from uniformer_fast import ops
@@ -147,3 +151,117 @@ def write_id_video(path, num_frames, h=48, w=80, *, codec="libx264", gop=8, bfra
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# --- Shared configs, skips and runners --------------------------------------------------------------
+
+# The smallest model with every stage and block kind (architecture only: tests give the class count).
+TINY = dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64), head_dim=16)
+# The same with head_dim 32, the smallest the Triton attention kernels take.
+TINY_HEAD32 = dict(TINY, embed_dim=(32, 32, 64, 64), head_dim=32)
+# Two blocks in stage 3, so that split=True and checkpoint_num have a block to act on beside another.
+TINY_STAGE3_X2 = dict(TINY, depth=(1, 1, 2, 1))
+
+# Tests that run Triton kernels carry the "triton" marker; conftest skips them where triton is
+# not installed, and CI's Triton 3.6 environment selects them with `-m triton`.
+needs_triton = pytest.mark.triton
+
+
+def _cpp_module():
+    return importlib.import_module("uniformer_fast.ops.dwconv3d")._cpp
+
+
+def _onednn_linear():
+    return importlib.import_module("uniformer_fast.ops.linear")._ONEDNN_LINEAR
+
+
+needs_cpp = pytest.mark.skipif(_cpp_module() is None, reason="the C++ extension is not built")
+needs_onednn = pytest.mark.skipif(_onednn_linear() is None, reason="no oneDNN linear in this torch")
+needs_cpp_attention = pytest.mark.skipif(cpp_attention_why_not() is not None, reason=str(cpp_attention_why_not()))
+
+
+def run_cli(args, capsys):
+    """``uniformer-fast ARGS`` in this process: (exit code, stdout, stderr)."""
+    from uniformer_fast.cli import main
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- Tiered parameter matrices ----------------------------------------------------------------------
+
+def _value_id(value):
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def _covering(cases, strength, preferred=()):
+    """Indices of a subset of ``cases`` (tuples of hashable keys) in which every combination of
+    ``strength`` axes' keys that occurs in ``cases`` occurs: strength 0, one case; 1, each value of
+    each axis once; 2, each pair of values of any two axes (pairwise). Greedy: the case covering
+    most of what is left, among equals a ``preferred`` index, then the first."""
+    def tuples(case):
+        return {(axes, tuple(case[a] for a in axes))
+                for axes in itertools.combinations(range(len(case)), min(strength, len(case)))}
+
+    todo = set().union(*(tuples(c) for c in cases))
+    chosen = []
+    while todo:
+        best = max(range(len(cases)), key=lambda i: (len(tuples(cases[i]) & todo), i in preferred, -i))
+        chosen.append(best)
+        todo -= tuples(cases[best])
+    return sorted(chosen)
+
+
+def matrix(*, cover="pairs", where=None, prefer=None, ids=None, **axes):
+    """``@pytest.mark.parametrize`` over the product of ``axes`` (name -> values, in the order the
+    ids list them; a value may be a ``pytest.param`` with its id and marks): the full tier runs
+    every case, the fast tier a covering subset, and the rest carry the ``slow`` marker.
+
+    An axis named "a,b" takes tuples (or ``pytest.param(a, b, id=...)``) of values for both.
+    ``cover``: "one" (a single fast case: for ahead-of-time compiles, one per kernel in the fast
+    tier), "each" (every value of every axis in some fast case) or "pairs" (every pair of values
+    of any two axes). ``where(**case)``: keep only the cases it accepts; ``prefer(**case)``: the
+    cases to take first among equals (e.g. sm_90 and bfloat16, what the GPU runs). ``ids``: name
+    -> function giving a value's id (default: dtypes without "torch.", int tuples as "3x3x3").
+    """
+    strength = {"one": 0, "each": 1, "pairs": 2}[cover]
+    names = list(axes)
+    options = []  # per axis: (value, id, marks)
+    for name in names:
+        opts = []
+        for v in axes[name]:
+            if isinstance(v, type(pytest.param(None))):
+                value = v.values if "," in name else v.values[0]
+                vid, marks = v.id, tuple(v.marks)
+            else:
+                value, vid, marks = v, None, ()
+            if vid is None:
+                vid = (ids or {}).get(name, _value_id)(value)
+            opts.append((value, vid, marks))
+        options.append(opts)
+
+    def args(c):  # argname -> value, an axis named "a,b" giving two
+        out = {}
+        for name, (value, _, _) in zip(names, c):
+            out.update(zip(name.split(","), value) if "," in name else {name: value})
+        return out
+
+    combos = [c for c in itertools.product(*options) if where is None or where(**args(c))]
+    preferred = {i for i, c in enumerate(combos) if prefer is not None and prefer(**args(c))}
+    fast = set(_covering([tuple(o[1] for o in c) for c in combos], strength, preferred))
+    argnames = [a for name in names for a in name.split(",")]
+    params = [pytest.param(*args(c).values(), id="-".join(o[1] for o in c),
+                           marks=[m for o in c for m in o[2]] + ([] if i in fast else [pytest.mark.slow]))
+              for i, c in enumerate(combos)]
+    return pytest.mark.parametrize(argnames, params)

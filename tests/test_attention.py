@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from uniformer_fast import ops
-from uniformer_fast.kernels import HAS_TRITON
 from uniformer_fast.ops import BackendUnavailableError
 from uniformer_fast.ops import backend as registry
 from uniformer_fast.ops.reference import attention_reference
 
-from helpers import attention_rtol, cpp_attention_why_not
+from helpers import attention_rtol, cpp_attention_why_not, needs_triton
 
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 from uniformer_fast.kernels import attention as A  # noqa: E402
 
-from helpers import assert_no_spills  # noqa: E402
+from helpers import assert_no_spills, matrix  # noqa: E402
 
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 PRECISION = {"16bit": "ieee", "tf32": "tf32", "ieee": "ieee"}  # "ieee" is ignored for 16-bit dots
@@ -20,6 +21,11 @@ KIND_DTYPES = {"16bit": (torch.float16, torch.bfloat16), "tf32": (torch.float32,
                "ieee": (torch.float32,)}
 HEAD_DIMS = A.SUPPORTED_HEAD_DIMS
 ARCHS = (80, 90)
+
+
+def _on_gpu(kind, dtype, head_dim, arch, **_):
+    """The fast tier's compile of each kernel: UniFormer's head_dim 64 in bfloat16 on sm_90."""
+    return arch == 90 and kind == "16bit" and dtype == torch.bfloat16 and head_dim == 64
 
 
 def _unique_configs(which):
@@ -59,8 +65,7 @@ def _compile(compile_for_gpu, kernel_fn, sig, kind, cfg, head_dim, arch, what):
     return r, blocks, warps
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kind,lengths,dtype,head_dim,cfg", _unique_configs("fwd"))
+@matrix(cover="one", prefer=_on_gpu, **{"kind,lengths,dtype,head_dim,cfg": _unique_configs("fwd")}, arch=ARCHS)
 def test_forward_compiles(kind, lengths, dtype, cfg, head_dim, arch, compile_for_gpu):
     p = PTR[dtype]
     sig = dict(qkv_ptr=p, out_ptr=p, lse_ptr="*fp32", N="i32", H="i32", num_m_blocks="i32",
@@ -76,8 +81,7 @@ def test_forward_compiles(kind, lengths, dtype, cfg, head_dim, arch, compile_for
         assert "mma.sync" in r["ptx"], f"{what}: expected mma.sync tensor-core instructions"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kind,lengths,dtype,head_dim,cfg", _unique_configs("bwd"))
+@matrix(cover="one", prefer=_on_gpu, **{"kind,lengths,dtype,head_dim,cfg": _unique_configs("bwd")}, arch=ARCHS)
 def test_backward_compiles(kind, lengths, dtype, cfg, head_dim, arch, compile_for_gpu,
                            request):
     if kind == "ieee" and head_dim != 32:
@@ -97,9 +101,8 @@ def test_backward_compiles(kind, lengths, dtype, cfg, head_dim, arch, compile_fo
         assert "wgmma" in r["ptx"], f"{what}: expected Hopper wgmma"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("dtype", list(PTR), ids=str)
+@matrix(cover="one", prefer=lambda arch, head_dim, dtype: _on_gpu("16bit", dtype, head_dim, arch),
+        dtype=[pytest.param(d, id=str(d)) for d in PTR], head_dim=HEAD_DIMS, arch=ARCHS)
 def test_delta_compiles(dtype, head_dim, arch, compile_for_gpu):
     p = PTR[dtype]
     sig = dict(out_ptr=p, dout_ptr=p, delta_ptr="*fp32", N="i32", H="i32", num_m_blocks="i32",

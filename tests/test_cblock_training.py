@@ -25,9 +25,7 @@ from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.model import CBlock, DropPath, drop_path, drop_path_scale
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import make_x
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+from helpers import make_x, needs_triton
 
 
 def _skip_without_kernels(device):

@@ -10,11 +10,11 @@ import torch
 import uniformer_fast as uf
 from uniformer_fast.checkpoint import inflate_weight, read_state_dict
 
-TINY = dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_classes=5)
+from helpers import TINY
 
 
 def tiny(**kw):
-    return uf.UniFormer(**{**TINY, **kw})
+    return uf.UniFormer(**{**TINY, "num_classes": 5, **kw})
 
 
 def source_state_dict():

@@ -7,15 +7,15 @@ import torch
 
 import uniformer_fast as uf
 from uniformer_fast import ops
-from uniformer_fast.kernels import HAS_TRITON, INTERPRET
+from uniformer_fast.kernels import INTERPRET
+
+from helpers import TINY_HEAD32, needs_cpp, needs_triton
 
 # The module, not the public function of the same name that uniformer_fast.ops exports.
 dwconv_mod = importlib.import_module("uniformer_fast.ops.dwconv3d")
 
-needs_cpp = pytest.mark.skipif(dwconv_mod._cpp is None, reason="the C++ extension is not built")
-
 # head_dim 32: a size the triton attention supports; tiny so the interpreter stays quick.
-TINY = dict(depth=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), head_dim=32, num_classes=5)
+TINY = dict(TINY_HEAD32, num_classes=5)
 
 
 def _compare_compiled(model, x, compile_backend, assert_close):
@@ -37,6 +37,7 @@ def _compare_compiled(model, x, compile_backend, assert_close):
         assert err <= 1e-5 * scale, f"{name}: max abs error {err:.2e} > 1e-5 x {scale:.2e}"
 
 
+@pytest.mark.slow  # inductor's CPU code generation: about a minute
 @needs_cpp
 def test_compile_fullgraph_cpu_fast_path(assert_close):
     """Inductor on the CPU with what "auto" runs there (cpp depthwise conv, sdpa attention)."""
@@ -50,7 +51,8 @@ def test_compile_fullgraph_cpu_fast_path(assert_close):
     _compare_compiled(model, x, "inductor", assert_close)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.slow  # forward and backward of the model under the interpreter: about a minute
+@needs_triton
 def test_compile_fullgraph_triton(device, assert_close):
     """The Triton kernels as opaque ops in a full graph, forward and backward: interpreted on the
     CPU (AOT autograd only: inductor adds nothing to opaque ops), compiled by inductor on CUDA."""
@@ -86,6 +88,7 @@ def test_compile_recompiles_when_the_backend_changes():
         ops.backend._OPS["dwconv3d"].impls["reference"] = ops.backend._Impl(real, lambda *a: None)
 
 
+@pytest.mark.slow  # inductor's CPU code generation: 20-30 s each
 @pytest.mark.parametrize("mode", (torch.no_grad, torch.inference_mode), ids=("no_grad", "inference_mode"))
 def test_compile_fullgraph_cpu_inference(mode, assert_close):
     """Inference graph on the CPU under the default compiler (inductor): cpp depthwise conv, sdpa

@@ -8,6 +8,8 @@ import pytest
 
 from uniformer_fast import create_model, cpu_memory
 
+from helpers import TINY_HEAD32
+
 needs_glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                  reason="glibc's mallopt")
 
@@ -48,7 +50,7 @@ def test_forwards_reuse_freed_memory_without_page_faults():
 def test_fuse_for_inference_keeps_freed_memory_unless_told_not_to(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append(1) or True)
-    tiny = dict(depth=(1, 1, 1, 1), embed_dim=(64, 64, 64, 64), head_dim=32, num_classes=3)
+    tiny = dict(TINY_HEAD32, embed_dim=(64, 64, 64, 64), num_classes=3)
     create_model("uniformer_small", **tiny).eval().fuse_for_inference(keep_freed_memory=False)
     assert calls == []
     create_model("uniformer_small", **tiny).eval().fuse_for_inference()

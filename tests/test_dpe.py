@@ -16,10 +16,10 @@ from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import assert_all_close, assert_no_spills, assert_untouched, clones, make_x
+from helpers import (assert_all_close, assert_no_spills, assert_untouched, clones, make_x, matrix,
+                     needs_triton)
 
 CL = torch.channels_last_3d
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
 def _params(C, kernel, dtype, with_bias, device):
@@ -227,10 +227,8 @@ def gpu_configs(gpu_kernels):
     return gpu_kernels("dpe")
 
 
-@needs_triton
-@pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("kernel", ((3, 3, 3), (7, 7, 7)), ids=("3x3x3", "7x7x7"))
-@pytest.mark.parametrize("dtype", list(PTR), ids=lambda d: str(d)[6:])
+@matrix(cover="one", dtype=list(PTR), kernel=((3, 3, 3), (7, 7, 7)), arch=(80, 90),
+        prefer=lambda dtype, kernel, arch: arch == 90 and dtype == torch.bfloat16)
 def test_forward_compiles_without_spills(dtype, kernel, arch, compile_for_gpu, gpu_configs):
     K = gpu_configs
     p = PTR[dtype]
@@ -253,9 +251,7 @@ def test_forward_compiles_without_spills(dtype, kernel, arch, compile_for_gpu, g
         assert_no_spills(r, what)
 
 
-@needs_triton
-@pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("dtype", list(PTR), ids=lambda d: str(d)[6:])
+@matrix(cover="one", dtype=list(PTR), arch=(80, 90), prefer=lambda dtype, arch: arch == 90 and dtype == torch.bfloat16)
 def test_layernorm_backward_compiles_without_spills(dtype, arch, compile_for_gpu, gpu_configs):
     K = gpu_configs
     p = PTR[dtype]

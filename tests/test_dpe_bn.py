@@ -23,10 +23,10 @@ from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import assert_all_close, assert_no_spills, assert_stats_of_stored_y, assert_untouched, clones, make_x
+from helpers import (assert_all_close, assert_no_spills, assert_stats_of_stored_y, assert_untouched, clones, make_x,
+                     matrix, needs_triton)
 
 CL = torch.channels_last_3d
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
 def _params(C, kernel, dtype, with_bias, device):
@@ -341,8 +341,7 @@ def gpu_configs(gpu_kernels):
     return gpu_kernels("bn_stats")
 
 
-@needs_triton
-@pytest.mark.parametrize("arch", (80, 90))
+@matrix(cover="one", arch=(80, 90), prefer=lambda arch: arch == 90)
 def test_bn_stats_kernels_compile_without_spills(arch, compile_for_gpu, gpu_configs):
     """The merge (each level the launcher runs: the tiles in one final level, the tiles into
     groups, the groups' final level) and the statistics backward (with and without y's own

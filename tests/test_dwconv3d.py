@@ -19,6 +19,7 @@ from uniformer_fast.ops import BackendUnavailableError
 from helpers import LAYOUTS, assert_all_close, assert_untouched, clones, make_x, run_dwconv3d
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 CL = torch.channels_last_3d
 dwconv3d_module = importlib.import_module("uniformer_fast.ops.dwconv3d")

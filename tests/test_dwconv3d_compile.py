@@ -9,10 +9,11 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 from uniformer_fast.kernels import dwconv3d as K  # noqa: E402
 
-from helpers import assert_no_spills  # noqa: E402
+from helpers import assert_no_spills, matrix  # noqa: E402
 
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 ARCHS = (80, 90)
@@ -71,14 +72,10 @@ def _compile(compile_for_gpu, kernel_fn, sig_nones, config, kernel, arch, what, 
     return r
 
 
-def _every_config(test):
-    """Parametrised over each channel block, dtype, kernel size and architecture."""
-    for mark in (pytest.mark.parametrize("arch", ARCHS),
-                 pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: "x".join(map(str, k))),
-                 pytest.mark.parametrize("dtype", list(PTR), ids=lambda d: str(d)[6:]),
-                 pytest.mark.parametrize("C", CHANNELS)):
-        test = mark(test)
-    return test
+# Each channel block, dtype, kernel size and architecture (the fast tier compiles one: sm_90,
+# bfloat16, UniFormer's 5x5x5).
+_every_config = matrix(cover="one", arch=ARCHS, kernel=KERNELS, dtype=list(PTR), C=CHANNELS,
+                       prefer=lambda arch, kernel, dtype, C: arch == 90 and kernel == (5, 5, 5) and dtype == torch.bfloat16)
 
 
 @_every_config
@@ -95,8 +92,7 @@ def test_weight_grad_compiles(C, dtype, kernel, arch, compile_for_gpu, gpu_confi
     assert "LDG.E.128" in r["sass"], "expected 16-byte loads along C"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", ((3, 3, 3), (7, 7, 7)), ids=("3x3x3", "7x7x7"))
+@matrix(cover="one", kernel=((3, 3, 3), (7, 7, 7)), arch=ARCHS, prefer=lambda kernel, arch: arch == 90)
 def test_other_variants_compile(kernel, arch, compile_for_gpu, gpu_configs):
     """The variants the backward launches: the input gradient (no bias, with and without the
     residual) and the weight gradient without a bias."""
@@ -107,9 +103,8 @@ def test_other_variants_compile(kernel, arch, compile_for_gpu, gpu_configs):
              K.dw_config(64, torch.bfloat16), kernel, arch, "dw no bias")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("C", (32, 64), ids=lambda c: f"C{c}")
+@matrix(cover="one", C=[pytest.param(c, id=f"C{c}") for c in (32, 64)], dtype=(torch.bfloat16, torch.float32),
+        arch=ARCHS, prefer=lambda C, dtype, arch: arch == 90 and dtype == torch.bfloat16)
 def test_forward_with_stats_compiles(C, dtype, arch, compile_for_gpu, gpu_configs):
     """The STATS variant (BatchNorm partials from the registers) as ops.dpe_bn_stats launches it for
     the CBlock's DPE: 3x3x3 with bias and residual, each channel block (C <= 32: 32, else 64)."""

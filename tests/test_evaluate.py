@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import uniformer_fast as uf
-from uniformer_fast import cli
 from uniformer_fast.evaluation import VideoItem, evaluate, extract, find_videos, read_video_list
 from uniformer_fast.video import VideoReader, load_views, to_views, window_indices
 
 pytest.importorskip("av")
-from helpers import write_id_video  # noqa: E402
+import helpers  # noqa: E402
+from helpers import run_cli, write_id_video  # noqa: E402
 
-TINY = dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_classes=5)
+TINY = dict(helpers.TINY, num_classes=5)
 CLIP = dict(num_frames=4, sample_rate=2, size=32)
 LENGTHS = (3, 9, 17, 30, 41, 64)  # shorter than a clip, about one, several
 
@@ -227,12 +227,6 @@ def test_find_videos(dataset, tmp_path):
         find_videos(tmp_path)
     with pytest.raises(FileNotFoundError):
         find_videos(tmp_path / "nothing")
-
-
-def run_cli(args, capsys):
-    code = cli.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_evaluate_and_extract(dataset, model, tmp_path, capsys):

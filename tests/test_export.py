@@ -16,14 +16,13 @@ import torch.nn as nn
 import uniformer_fast as uf
 from uniformer_fast import model as model_module
 from uniformer_fast import ops
-from uniformer_fast.cli import main
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-# One block per stage: every block type and op of the model, in seconds.
-TINY = dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64), head_dim=16)
+from helpers import TINY, run_cli  # noqa: E402  (TINY: every block type and op of the model, in seconds)
+
 CLASSES, FRAMES, SIZE = 7, 4, 32  # size 32: the smallest the model takes (4 * 2**3)
 
 
@@ -183,12 +182,6 @@ def test_missing_exporter_package_says_what_to_install(tmp_path, monkeypatch):
 
 
 # --- the CLI ---------------------------------------------------------------------------------
-
-def run_cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 @pytest.fixture
 def tiny_weights(tmp_path, monkeypatch):

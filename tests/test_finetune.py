@@ -7,7 +7,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -21,9 +20,7 @@ from uniformer_fast.train_data import EpochSampler, TrainClips, TrainRecipe, fin
 from uniformer_fast.video import random_dense_indices, random_segment_indices
 
 av = pytest.importorskip("av")
-from helpers import write_id_video  # noqa: E402
-
-TINY = dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64), head_dim=16)
+from helpers import TINY, free_port, write_id_video  # noqa: E402
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 60, 230))  # one class each
 
 
@@ -267,15 +264,9 @@ def test_resume_mid_epoch_is_bitwise(videos, tmp_path, tiny_small, monkeypatch):
             assert torch.equal(whole["model"][k], v), k
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "uniformer_fast.train", *args]
+           str(free_port()), "-m", "uniformer_fast.train", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr

@@ -161,7 +161,7 @@ def test_follow_up_mode_runs_only_the_parts_named():
 
 def _collect(*args, env=None):
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           "-m", "", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=None if env is None else dict(os.environ, **env))
     return proc, [line for line in proc.stdout.splitlines() if "::" in line]
 

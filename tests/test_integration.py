@@ -7,7 +7,9 @@ import torch
 import uniformer_fast as uf
 from uniformer_fast import ops
 
-TINY = dict(depth=(1, 1, 2, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_classes=5)
+from helpers import TINY_HEAD32, TINY_STAGE3_X2
+
+TINY = dict(TINY_STAGE3_X2, num_classes=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -77,7 +79,7 @@ def test_export_fused_path_keeps_custom_ops(assert_close):
     """With the fused backends the exported graph calls the registered uniformer_fast ops (loading
     it needs uniformer_fast imported); under use_backend("reference") it is plain aten."""
     torch.manual_seed(0)
-    model = uf.UniFormer(depth=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), head_dim=32, num_classes=5).eval()
+    model = uf.UniFormer(**TINY_HEAD32, num_classes=5).eval()
     x = torch.randn(1, 3, 4, 64, 64)
     exported = torch.export.export(model, (x,))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
@@ -97,7 +99,7 @@ def test_cpu_fast_path_matches_official_in_float32(split, assert_close):
     against the official computation, same weights, float32."""
     from uniformer_fast.official import OfficialUniFormer
     torch.manual_seed(0)
-    cfg = dict(depth=(1, 1, 2, 1), embed_dim=(32, 32, 64, 64), head_dim=32, num_classes=5, split=split)
+    cfg = dict(TINY_HEAD32, depth=TINY_STAGE3_X2["depth"], num_classes=5, split=split)
     model = uf.UniFormer(**cfg).eval()
     official = OfficialUniFormer(**cfg).eval()
     official.load_state_dict(model.state_dict())

@@ -8,7 +8,8 @@ from uniformer_fast import ops
 from uniformer_fast.ops import BackendUnavailableError
 
 linear_mod = importlib.import_module("uniformer_fast.ops.linear")
-needs_onednn = pytest.mark.skipif(linear_mod._ONEDNN_LINEAR is None, reason="no oneDNN linear in this torch")
+
+from helpers import needs_onednn
 
 
 def reference64(x, w, b, activation):

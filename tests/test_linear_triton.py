@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from uniformer_fast import ops
-from uniformer_fast.kernels import HAS_TRITON
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import assert_no_spills
+from helpers import assert_no_spills, matrix
 
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+pytestmark = pytest.mark.triton
 
 linear_mod = importlib.import_module("uniformer_fast.ops.linear")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -236,8 +235,8 @@ def compile_direction(compile_for_gpu, kind, cfg, direction, arch):
                            aligned=aligned)
 
 
-@pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("kind,index,cfg", _gpu_configs())
+@matrix(cover="one", **{"kind,index,cfg": _gpu_configs()}, arch=(80, 90),
+        prefer=lambda kind, index, cfg, arch: arch == 90 and kind == "16bit")
 def test_configs_compile_without_spills(kind, index, cfg, arch, compile_for_gpu):
     """Every GPU config compiles for sm_80 and sm_90 in each launch direction without register
     spills; 16-bit and tf32 matmuls run on tensor cores (wgmma on sm_90 where the tile allows)."""

@@ -22,9 +22,10 @@ from uniformer_fast import ops
 from uniformer_fast.kernels import INTERPRET
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import assert_all_close, assert_no_spills, assert_untouched, clones
+from helpers import assert_all_close, assert_no_spills, assert_untouched, clones, matrix
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 CL = torch.channels_last_3d
 NAMES = ("u", "attn_weight", "attn_bias", "conv2_weight", "conv2_bias", "residual")
@@ -290,18 +291,23 @@ def gpu_configs(gpu_kernels):
     return gpu_kernels("local_mhra")
 
 
-@pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("kernel,branch_scale", [((5, 5, 5), False), ((5, 5, 5), True), ((7, 7, 7), False)],
-                         ids=("5x5x5", "5x5x5-scale", "7x7x7"))
-@pytest.mark.parametrize("dtype,kind", KINDS, ids=lambda v: v if isinstance(v, str) else str(v)[6:])
-@pytest.mark.parametrize("block_c", K.BLOCK_CS, ids=lambda c: f"C{c}")
+def _on_gpu(dtype, kind, arch, **_):
+    """The fast tier's compile of each variant: bfloat16 on sm_90."""
+    return arch == 90 and dtype == torch.bfloat16
+
+
+@matrix(cover="one", prefer=_on_gpu, block_c=[pytest.param(c, id=f"C{c}") for c in K.BLOCK_CS],
+        **{"dtype,kind": [pytest.param(d, k, id=f"{str(d)[6:]}-{k}") for d, k in KINDS],
+           "kernel,branch_scale": [pytest.param((5, 5, 5), False, id="5x5x5"), pytest.param((5, 5, 5), True, id="5x5x5-scale"),
+                                   pytest.param((7, 7, 7), False, id="7x7x7")]},
+        arch=(80, 90))
 def test_forward_compiles(block_c, dtype, kind, kernel, branch_scale, arch, compile_for_gpu, gpu_configs):
     """UniFormer's 5x5x5, without and with the per-sample stochastic-depth scale (training with
     drop_path), and the largest kernel allowed (the most taps unrolled along kw)."""
     _compile(compile_for_gpu, block_c, dtype, kind, kernel, arch, branch_scale=branch_scale)
 
 
-@pytest.mark.parametrize("arch", (80, 90))
+@matrix(cover="one", arch=(80, 90), prefer=lambda arch: arch == 90)
 def test_other_variants_compile(arch, compile_for_gpu, gpu_configs):
     """float16, the 3x3x3 kernel, and no biases or residual, at the largest tile."""
     _compile(compile_for_gpu, 128, torch.float16, "16bit", (5, 5, 5), arch)
@@ -309,9 +315,8 @@ def test_other_variants_compile(arch, compile_for_gpu, gpu_configs):
     _compile(compile_for_gpu, 128, torch.bfloat16, "16bit", (5, 5, 5), arch, flags=(False, False, False))
 
 
-@pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("dtype,kind", KINDS, ids=lambda v: v if isinstance(v, str) else str(v)[6:])
-@pytest.mark.parametrize("block_c", K.BLOCK_CS, ids=lambda c: f"C{c}")
+@matrix(cover="one", prefer=_on_gpu, block_c=[pytest.param(c, id=f"C{c}") for c in K.BLOCK_CS],
+        **{"dtype,kind": [pytest.param(d, k, id=f"{str(d)[6:]}-{k}") for d, k in KINDS]}, arch=(80, 90))
 def test_forward_with_bn_stats_compiles(block_c, dtype, kind, arch, compile_for_gpu, gpu_configs):
     """The STATS variant (BatchNorm partials written from the registers, ops.local_mhra_tail_bn_stats)
     at every launch config, UniFormer's 5x5x5, with the stochastic-depth scale (the training

@@ -25,6 +25,7 @@ from uniformer_fast.ops import BackendUnavailableError
 from helpers import assert_all_close, assert_stats_of_stored_y, assert_untouched, clones, make_x
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 CL = torch.channels_last_3d
 NAMES = ("y", "mean", "var", "du", "dattn_weight", "dattn_bias", "dconv2_weight", "dconv2_bias", "dresidual")

@@ -10,7 +10,8 @@ from uniformer_fast.ops import BackendUnavailableError
 
 mlp_mod = importlib.import_module("uniformer_fast.ops.mlp")
 linear_mod = importlib.import_module("uniformer_fast.ops.linear")
-needs_onednn = pytest.mark.skipif(linear_mod._ONEDNN_LINEAR is None, reason="no oneDNN linear in this torch")
+
+from helpers import needs_onednn
 
 
 def _weights(C, hidden, out, dtype=torch.float32, bias=True):

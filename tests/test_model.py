@@ -7,8 +7,10 @@ import torch
 import uniformer_fast as uf
 from uniformer_fast.official import OfficialUniFormer
 
+from helpers import TINY_STAGE3_X2
+
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
-TINY = dict(depth=(1, 1, 2, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_classes=7)
+TINY = dict(TINY_STAGE3_X2, num_classes=7)
 
 
 def spec(name):

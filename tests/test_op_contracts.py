@@ -27,7 +27,8 @@ from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.ops.reference import attention_reference
 
-from helpers import assert_untouched, attention_rtol, clones, cpp_attention_why_not, make_x
+from helpers import (assert_untouched, attention_rtol, clones, make_x, needs_cpp, needs_cpp_attention, needs_onednn,
+                     needs_triton)
 
 CL = torch.channels_last_3d
 F32, BF16 = torch.float32, torch.bfloat16
@@ -38,11 +39,7 @@ dpe_bn_mod = importlib.import_module("uniformer_fast.ops.dpe_bn")
 dwconv_mod = importlib.import_module("uniformer_fast.ops.dwconv3d")
 linear_mod = importlib.import_module("uniformer_fast.ops.linear")
 
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
-needs_cpp = pytest.mark.skipif(dwconv_mod._cpp is None, reason="the C++ extension is not built")
-needs_onednn = pytest.mark.skipif(linear_mod._ONEDNN_LINEAR is None, reason="no oneDNN linear")
-needs_cpp_attention = pytest.mark.skipif(cpp_attention_why_not() is not None, reason=str(cpp_attention_why_not()))
 
 
 @dataclass(frozen=True)

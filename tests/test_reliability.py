@@ -16,7 +16,7 @@ import torch
 from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 
-from helpers import cpp_attention_why_not
+from helpers import TINY_HEAD32, cpp_attention_why_not
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ def test_sdpa_marks_under_compile_match_eager():
 
 # --- The model ----------------------------------------------------------------------------------------
 
-TINY = dict(depth=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), head_dim=32, num_classes=5)
+TINY = dict(TINY_HEAD32, num_classes=5)
 
 
 @pytest.mark.parametrize("override,name", [

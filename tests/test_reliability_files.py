@@ -11,6 +11,8 @@ import uniformer_fast as uf
 from uniformer_fast.checkpoint import load_checkpoint, read_state_dict
 from uniformer_fast.files import atomic_save, atomic_write
 
+import helpers
+
 REAL_SAVE = torch.save
 
 
@@ -80,7 +82,7 @@ def test_atomic_write_onto_a_directory_fails_cleanly(tmp_path):
 
 # Reading: every bad checkpoint file is a ValueError (FileNotFoundError when absent) naming it.
 
-TINY = dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_classes=5)
+TINY = dict(helpers.TINY, num_classes=5)
 
 
 class Payload:

@@ -12,14 +12,10 @@ import torch.nn.functional as F
 import uniformer_fast as uf
 from uniformer_fast.train import SyntheticClips, main as train_main, param_groups, warmup_cosine
 
-TINY = dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64), head_dim=16, num_classes=3)
+import helpers
+from helpers import free_port
 
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TINY = dict(helpers.TINY, num_classes=3)
 
 
 def _model_for_grad_check():
@@ -55,7 +51,7 @@ def _ddp_worker(rank, world, port, clips, labels, out_dir):
 def test_ddp_gradients_equal_one_process_on_whole_batch(tmp_path, assert_close):
     torch.manual_seed(1)
     clips, labels = torch.randn(4, 3, 2, 32, 32), torch.tensor([0, 2, 1, 2])
-    mp.spawn(_ddp_worker, args=(2, _free_port(), clips, labels, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), clips, labels, str(tmp_path)), nprocs=2, join=True)
     expected = _grads(_model_for_grad_check(), clips, labels)
     names = [n for n, _ in uf.UniFormer(**TINY).named_parameters()]
     for rank in range(2):
@@ -140,7 +136,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_small
 def test_torchrun_two_processes(tmp_path, mode):
     """The real entry point under torchrun: 2 CPU processes over gloo, one epoch, a checkpoint."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "uniformer_fast.train", *TRAIN_ARGS, "--synthetic-size", "8",
+           str(free_port()), "-m", "uniformer_fast.train", *TRAIN_ARGS, "--synthetic-size", "8",
            "--output", str(tmp_path), "--drop-path", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if mode == "fsdp":
