@@ -223,7 +223,7 @@ def _covering(cases, strength, preferred=()):
     return sorted(chosen)
 
 
-def matrix(*, cover="pairs", where=None, prefer=None, ids=None, **axes):
+def matrix(*, cover="pairs", where=None, fast=None, prefer=None, ids=None, **axes):
     """``@pytest.mark.parametrize`` over the product of ``axes`` (name -> values, in the order the
     ids list them; a value may be a ``pytest.param`` with its id and marks): the full tier runs
     every case, the fast tier a covering subset, and the rest carry the ``slow`` marker.
@@ -231,7 +231,8 @@ def matrix(*, cover="pairs", where=None, prefer=None, ids=None, **axes):
     An axis named "a,b" takes tuples (or ``pytest.param(a, b, id=...)``) of values for both.
     ``cover``: "one" (a single fast case: for ahead-of-time compiles, one per kernel in the fast
     tier), "each" (every value of every axis in some fast case) or "pairs" (every pair of values
-    of any two axes). ``where(**case)``: keep only the cases it accepts; ``prefer(**case)``: the
+    of any two axes). ``where(**case)``: keep only the cases it accepts; ``fast(**case)``: only the
+    cases it accepts may be fast (they cover what occurs among them); ``prefer(**case)``: the
     cases to take first among equals (e.g. sm_90 and bfloat16, what the GPU runs). ``ids``: name
     -> function giving a value's id (default: dtypes without "torch.", int tuples as "3x3x3").
     """
@@ -258,8 +259,10 @@ def matrix(*, cover="pairs", where=None, prefer=None, ids=None, **axes):
         return out
 
     combos = [c for c in itertools.product(*options) if where is None or where(**args(c))]
-    preferred = {i for i, c in enumerate(combos) if prefer is not None and prefer(**args(c))}
-    fast = set(_covering([tuple(o[1] for o in c) for c in combos], strength, preferred))
+    candidates = [i for i, c in enumerate(combos) if fast is None or fast(**args(c))]
+    preferred = {j for j, i in enumerate(candidates) if prefer is not None and prefer(**args(combos[i]))}
+    chosen = _covering([tuple(o[1] for o in combos[i]) for i in candidates], strength, preferred)
+    fast = {candidates[j] for j in chosen}
     argnames = [a for name in names for a in name.split(",")]
     params = [pytest.param(*args(c).values(), id="-".join(o[1] for o in c),
                            marks=[m for o in c for m in o[2]] + ([] if i in fast else [pytest.mark.slow]))

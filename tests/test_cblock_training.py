@@ -25,7 +25,7 @@ from uniformer_fast.kernels import HAS_TRITON, INTERPRET
 from uniformer_fast.model import CBlock, DropPath, drop_path, drop_path_scale
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import make_x, needs_triton
+from helpers import make_x, matrix, needs_triton
 
 
 def _skip_without_kernels(device):
@@ -54,15 +54,16 @@ def _scale(B, keep, dtype, device):
 
 # --- the op ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stats", (False, True), ids=("tail", "tail_bn_stats"))
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("shape", ((3, 20, 2, 3, 5), (2, 16, 1, 4, 3)), ids=str)
+# One bfloat16 shape is enough under the interpreter.
+@matrix(cover="each", shape=[pytest.param(s, id=str(s)) for s in ((3, 20, 2, 3, 5), (2, 16, 1, 4, 3))],
+        dtype=[pytest.param(d, id=str(d)) for d in (torch.float32, torch.bfloat16)],
+        stats=[pytest.param(False, id="tail"), pytest.param(True, id="tail_bn_stats")],
+        where=lambda shape, dtype, stats: not (dtype == torch.bfloat16 and shape[0] == 2),
+        prefer=lambda shape, dtype, stats: shape[0] == 2)
 def test_branch_scale_matches_reference(shape, dtype, stats, device, assert_close):
     """Forward (and the statistics) and every gradient against the float64 reference, with a
     dropped and a kept sample."""
     _skip_without_kernels(device)
-    if dtype == torch.bfloat16 and shape[0] == 2:
-        pytest.skip("one bfloat16 shape is enough under the interpreter")
     args = _tail_inputs(shape, (3, 3, 3), dtype, device)
     scale = _scale(shape[0], 0.7, dtype, device)
     op = ops.local_mhra_tail_bn_stats if stats else ops.local_mhra_tail
@@ -205,6 +206,7 @@ def _check_step(got, ref, assert_close, rtol):
             assert torch.equal(buffers[name], b64), name
 
 
+@pytest.mark.slow  # ~25 s each under the interpreter; the fast tier has the op's branch scale above
 @pytest.mark.parametrize("p", (0.1, 0.3))
 def test_cblock_training_with_drop_path(p, device, assert_close, monkeypatch):
     """One CBlock in training, drop path p: the fused path ("triton", float32) against the plain
@@ -227,6 +229,7 @@ def test_cblock_training_with_drop_path(p, device, assert_close, monkeypatch):
     _check_step(got, ref, assert_close, rtol=1e-5)
 
 
+@pytest.mark.slow  # UniFormer-S's training forward under the interpreter: ~40 s
 def test_every_cblock_takes_the_fused_tail_in_training(device, monkeypatch):
     """The full UniFormer-S at the official rate 0.1, a training forward: each of its 7 CBlocks
     launches the tail kernel with the statistics epilogue; the 6 with drop_path > 0 pass their

@@ -10,11 +10,13 @@ import torch
 import uniformer_fast as uf
 from uniformer_fast.checkpoint import inflate_weight, read_state_dict
 
-from helpers import TINY
+import helpers
+
+TINY = dict(helpers.TINY, num_classes=5)
 
 
 def tiny(**kw):
-    return uf.UniFormer(**{**TINY, "num_classes": 5, **kw})
+    return uf.UniFormer(**{**TINY, **kw})
 
 
 def source_state_dict():

@@ -72,7 +72,7 @@ def _check(shape, kernel, dtype, with_bias, layout, device, assert_close, output
 @needs_triton
 @pytest.mark.parametrize("shape,kernel", [
     ((2, 20, 3, 4, 5), (3, 3, 3)),  # C = 20: two 16-channel blocks, the second partial
-    ((3, 20, 3, 5, 10), (3, 3, 3)),  # 150 positions: 3 tiles per batch element, 9 rows: two merge levels
+    pytest.param((3, 20, 3, 5, 10), (3, 3, 3), marks=pytest.mark.slow),  # 150 positions: 3 tiles per batch element, 9 rows: two merge levels
     ((2, 33, 2, 3, 3), (3, 3, 3)),  # three channel blocks
     ((1, 16, 1, 4, 4), (3, 3, 3)),  # T = 1
     ((2, 7, 3, 5, 1), (3, 3, 3)),  # W = 1
@@ -219,6 +219,7 @@ def _cblock_steps(blk, xs, backend, spy):
     return results, calls
 
 
+@pytest.mark.slow  # a CBlock's training step under the interpreter: ~20 s each (the ops' own tests are fast)
 @needs_triton
 @pytest.mark.parametrize("momentum", (0.1, None), ids=("momentum", "cumulative"))
 def test_cblock_train_triton_matches_reference(momentum, device, assert_close, monkeypatch):
@@ -258,6 +259,7 @@ def test_cblock_train_triton_matches_reference(momentum, device, assert_close, m
             assert_close(a, r, rtol=1e-5, name=f"step {step + 1} {name}")
 
 
+@pytest.mark.slow  # ~12 s each under the interpreter
 @needs_triton
 @pytest.mark.parametrize("mode", ("bf16_model", "autocast"))
 def test_cblock_train_triton_bfloat16(mode, device, assert_close):

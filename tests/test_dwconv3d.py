@@ -16,7 +16,7 @@ import torch
 from uniformer_fast import ops
 from uniformer_fast.ops import BackendUnavailableError
 
-from helpers import LAYOUTS, assert_all_close, assert_untouched, clones, make_x, run_dwconv3d
+from helpers import LAYOUTS, assert_all_close, assert_untouched, clones, make_x, matrix, run_dwconv3d
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
@@ -48,7 +48,7 @@ def _check(shape, kernel, dtype, residual, with_bias, layout, device, assert_clo
 @pytest.mark.parametrize("shape,kernel", [
     ((2, 20, 3, 4, 5), (3, 3, 3)),  # C = 16 + 4: a partial channel block
     ((3, 5, 2, 3, 4), (3, 3, 3)),  # 3 tiles: the last weight-gradient group has a tile past the end
-    ((2, 4, 3, 6, 5), (3, 3, 3)),  # 90 positions: two tiles per batch element, the second partial
+    pytest.param((2, 4, 3, 6, 5), (3, 3, 3), marks=pytest.mark.slow),  # 90 positions: two tiles per batch element, the second partial
     ((1, 16, 1, 4, 4), (3, 3, 3)),  # T = 1
     ((2, 5, 3, 1, 1), (3, 3, 3)),  # H = W = 1
     ((1, 1, 2, 3, 3), (3, 3, 3)),  # C = 1
@@ -57,23 +57,24 @@ def _check(shape, kernel, dtype, residual, with_bias, layout, device, assert_clo
     ((1, 6, 5, 2, 3), (3, 1, 1)),  # the temporal case
     ((1, 6, 3, 4, 2), (1, 1, 1)),
     ((1, 4, 3, 5, 3), (3, 5, 7)),
-    ((1, 3, 3, 4, 5), (7, 7, 7)),  # the largest kernel, larger than every dimension
+    pytest.param((1, 3, 3, 4, 5), (7, 7, 7), marks=pytest.mark.slow),  # the largest kernel, larger than every dimension
 ], ids=lambda v: "x".join(map(str, v)))
 def test_dwconv3d_triton_shapes_and_kernels(shape, kernel, device, assert_close):
     _check(shape, kernel, torch.float32, True, True, "channels_last", device, assert_close)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no_bias"))
-@pytest.mark.parametrize("residual", (True, False), ids=("residual", "plain"))
+@matrix(cover="each", residual=[pytest.param(True, id="residual"), pytest.param(False, id="plain")],
+        with_bias=[pytest.param(True, id="bias"), pytest.param(False, id="no_bias")], layout=LAYOUTS)
 def test_dwconv3d_triton_options_and_layouts(residual, with_bias, layout, device, assert_close):
     _check((2, 20, 3, 4, 5), (3, 3, 3), torch.float32, residual, with_bias, layout, device,
            assert_close)
 
 
-@pytest.mark.parametrize("kernel", ((3, 3, 3), (5, 5, 5)), ids=("3x3x3", "5x5x5"))
-@pytest.mark.parametrize("residual", (True, False), ids=("residual", "plain"))
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+# The fast tier: each dtype, with and without the residual, at 3x3x3 (the kernel size is a constexpr
+# of the same code; 5x5x5 runs in float32 above).
+@matrix(cover="each", dtype=[pytest.param(d, id=str(d)) for d in (torch.float16, torch.bfloat16)],
+        residual=[pytest.param(True, id="residual"), pytest.param(False, id="plain")], kernel=((3, 3, 3), (5, 5, 5)),
+        fast=lambda dtype, residual, kernel: kernel == (3, 3, 3))
 def test_dwconv3d_triton_half_dtypes(dtype, residual, kernel, device, assert_close):
     # bf16 stores truncate under the interpreter (1 ulp from the GPU's rounding): within 2e-2.
     _check((2, 20, 3, 4, 5), kernel, dtype, residual, True, "channels_last", device, assert_close)

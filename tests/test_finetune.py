@@ -272,6 +272,7 @@ def _torchrun(args, timeout=300):
     return proc.stderr
 
 
+@pytest.mark.slow  # two torchrun processes training and validating: ~20 s each (test_train.py has a quick one)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_validate_and_resume_within_tolerance(videos, tmp_path, assert_close, mode):
     """Two gloo processes (DDP, or FSDP2, which validates with a gathered copy), each reading its

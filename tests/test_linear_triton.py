@@ -65,10 +65,10 @@ def _shape_id(v):
     return "x".join(map(str, v)) if isinstance(v, tuple) else f"N{v}"
 
 
-@pytest.mark.parametrize("x_shape,out_features", SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", (None, "gelu"), ids=("none", "gelu"))
-@pytest.mark.parametrize("bias", (True, False), ids=("bias", "no_bias"))
+@matrix(cover="pairs", bias=[pytest.param(True, id="bias"), pytest.param(False, id="no_bias")],
+        activation=[pytest.param(None, id="none"), pytest.param("gelu", id="gelu")],
+        dtype=[pytest.param(d, id=str(d)) for d in DTYPES],
+        **{"x_shape,out_features": [pytest.param(s, n, id=f"{_shape_id(s)}-{_shape_id(n)}") for s, n in SHAPES]})
 def test_parity(x_shape, out_features, dtype, activation, bias, device, assert_close):
     _check(*_inputs(x_shape, out_features, dtype, device, bias), activation, assert_close)
 
@@ -93,9 +93,8 @@ def test_strided_x(layout, dtype, device, assert_close):
     _check(x, w, b, "gelu", assert_close)
 
 
-@pytest.mark.parametrize("split", (1, 2, 3, 7))
-@pytest.mark.parametrize("activation", (None, "gelu"), ids=("none", "gelu"))
-@pytest.mark.parametrize("M", (101, 300))
+@matrix(cover="pairs", M=(101, 300), activation=[pytest.param(None, id="none"), pytest.param("gelu", id="gelu")],
+        split=(1, 2, 3, 7))
 def test_weight_grad_split_reduction(M, split, activation, device, assert_close):
     """dW and db reduced over M in `split` parts (float32 partials summed in a fixed order); at
     M = 300 the interpreter's reduction tile is 128, so fewer splits than asked."""

@@ -82,12 +82,12 @@ def _check(shape, kernel, dtype, device, assert_close, backend="triton", **opts)
 @pytest.mark.parametrize("shape,kernel", [
     ((2, 16, 3, 4, 5), (5, 5, 5)),  # 60 positions: two tiles per batch element, the second partial
     ((1, 32, 2, 3, 5), (3, 3, 3)),
-    ((1, 64, 2, 3, 3), (3, 3, 3)),
+    pytest.param((1, 64, 2, 3, 3), (3, 3, 3), marks=pytest.mark.slow),
     ((1, 128, 1, 3, 3), (3, 3, 3)),  # the largest C the kernel takes; T = 1
     ((1, 20, 2, 3, 4), (3, 3, 3)),  # C padded to 32 in registers
     ((2, 3, 2, 3, 3), (3, 3, 3)),  # C = 3, padded to 16
-    ((2, 16, 1, 4, 4), (5, 5, 5)),  # T = 1: the temporal taps fall outside
-    ((2, 16, 3, 1, 1), (5, 5, 5)),  # H = W = 1
+    pytest.param((2, 16, 1, 4, 4), (5, 5, 5), marks=pytest.mark.slow),  # T = 1: the temporal taps fall outside
+    pytest.param((2, 16, 3, 1, 1), (5, 5, 5), marks=pytest.mark.slow),  # H = W = 1
     ((1, 16, 2, 3, 4), (1, 3, 5)),  # a non-cubic kernel
 ], ids=lambda v: "x".join(map(str, v)))
 def test_triton_shapes(shape, kernel, device, assert_close):
@@ -107,8 +107,8 @@ def test_triton_layouts(layout, device, assert_close):
     _check((2, 16, 2, 3, 3), (3, 3, 3), torch.float32, device, assert_close, layout=layout)
 
 
-@pytest.mark.parametrize("kernel", ((3, 3, 3), (5, 5, 5)), ids=("3x3x3", "5x5x5"))
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@matrix(cover="each", dtype=[pytest.param(d, id=str(d)) for d in (torch.float16, torch.bfloat16)],
+        kernel=((3, 3, 3), (5, 5, 5)), fast=lambda dtype, kernel: kernel == (3, 3, 3))
 def test_triton_half_dtypes(dtype, kernel, device, assert_close):
     # a is rounded to the dtype before the projection, as the unfused path stores it; bf16 casts
     # truncate under the interpreter (1 ulp from the GPU's rounding): within 2e-2.

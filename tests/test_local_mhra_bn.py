@@ -84,7 +84,7 @@ def _check(shape, kernel, dtype, device, assert_close, outputs=("y", "mean", "va
 
 
 @pytest.mark.parametrize("shape,kernel", [
-    ((2, 20, 3, 4, 5), (5, 5, 5)),  # C = 20 < BLOCK_C = 32; 60 positions: the second tile partial
+    pytest.param((2, 20, 3, 4, 5), (5, 5, 5), marks=pytest.mark.slow),  # C = 20 < BLOCK_C = 32; 60 positions: the second tile partial
     ((3, 16, 3, 4, 5), (3, 3, 3)),  # 6 tile rows: both merge levels
     ((2, 3, 2, 3, 3), (3, 3, 3)),  # C = 3, odd, padded to 16
     ((2, 16, 1, 4, 4), (3, 3, 3)),  # T = 1

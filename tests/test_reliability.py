@@ -173,7 +173,9 @@ def _views(case: OpCase, layout: str, which: str):
 def _strided_params():
     # One argument at a time as well as all together: a kernel may take a path for one
     # non-dense operand that it does not take when all are (oneDNN did, for the bias alone).
-    return [pytest.param(*p.values, which, id=f"{p.id}-{which}", marks=p.marks)
+    # The fast tier: all at once on every backend, one at a time where no interpreter runs.
+    return [pytest.param(*p.values, which, id=f"{p.id}-{which}",
+                         marks=[*p.marks, *[pytest.mark.slow] * (which != "all" and p.values[1] == "triton")])
             for p in _backend_params() for which in ("all", *p.values[0].tensors)]
 
 

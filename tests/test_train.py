@@ -38,14 +38,17 @@ def _grads(model, clips, labels):
 def _ddp_worker(rank, world, port, clips, labels, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(_model_for_grad_check())
-        share = clips.shape[0] // world
-        part = slice(rank * share, (rank + 1) * share)
-        grads = _grads(model, clips[part], labels[part])
-        torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = torch.nn.parallel.DistributedDataParallel(_model_for_grad_check())
+    share = clips.shape[0] // world
+    part = slice(rank * share, (rank + 1) * share)
+    grads = _grads(model, clips[part], labels[part])
+    torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+    dist.barrier()  # both ranks' gradients are on disk
+    # Leave without running destructors: freeing DDP's Reducer (the gloo group's last reference)
+    # runs ~ProcessGroupGloo with the GIL held, which joins a gloo worker thread that may be
+    # waiting for the GIL to free a finished allreduce's state: a deadlock (seen here once, a
+    # spawned rank idle in ~ProcessGroupGloo for 20 minutes).
+    os._exit(0)
 
 
 def test_ddp_gradients_equal_one_process_on_whole_batch(tmp_path, assert_close):
