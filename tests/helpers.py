@@ -167,17 +167,14 @@ TINY_STAGE3_X2 = dict(TINY, depth=(1, 1, 2, 1))
 needs_triton = pytest.mark.triton
 
 
-def _cpp_module():
-    return importlib.import_module("uniformer_fast.ops.dwconv3d")._cpp
+# The modules, not the public functions of the same names that uniformer_fast.ops exports.
+_cpp = importlib.import_module("uniformer_fast.ops.dwconv3d")._cpp
+_onednn_linear = importlib.import_module("uniformer_fast.ops.linear")._ONEDNN_LINEAR
+_no_cpp_attention = cpp_attention_why_not()
 
-
-def _onednn_linear():
-    return importlib.import_module("uniformer_fast.ops.linear")._ONEDNN_LINEAR
-
-
-needs_cpp = pytest.mark.skipif(_cpp_module() is None, reason="the C++ extension is not built")
-needs_onednn = pytest.mark.skipif(_onednn_linear() is None, reason="no oneDNN linear in this torch")
-needs_cpp_attention = pytest.mark.skipif(cpp_attention_why_not() is not None, reason=str(cpp_attention_why_not()))
+needs_cpp = pytest.mark.skipif(_cpp is None, reason="the C++ extension is not built")
+needs_onednn = pytest.mark.skipif(_onednn_linear is None, reason="no oneDNN linear in this torch")
+needs_cpp_attention = pytest.mark.skipif(_no_cpp_attention is not None, reason=str(_no_cpp_attention))
 
 
 def run_cli(args, capsys):
