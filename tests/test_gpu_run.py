@@ -159,35 +159,54 @@ def test_follow_up_mode_runs_only_the_parts_named():
     assert bad.returncode == 2 and "unknown part(s) modle" in bad.stderr
 
 
-def _collect(*args, env=None):
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           "-m", "", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=None if env is None else dict(os.environ, **env))
-    return proc, [line for line in proc.stdout.splitlines() if "::" in line]
+def _collect_command(*args):
+    return [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "", *args]
 
 
-def test_parity_selection_exists():
-    proc, ids = _collect(*gpu_run.PARITY_TESTS)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+_BENCH_FILES = [a for p in gpu_run.PARTS if p.kind == "bench" for a in p.args]
+# The selections gpu_run.py names, each collected in a pytest of its own: (arguments, environment).
+_SELECTIONS = {
+    "parity": (gpu_run.PARITY_TESTS, {}),
+    "benchmarks": ((*_BENCH_FILES, "-k", gpu_run.FIRST_COMMAND_FILTER), {}),
+    "gpu sizes": (("benchmarks/test_whole_model.py", "benchmarks/test_blocks.py", "-k",
+                   gpu_run.FIRST_COMMAND_FILTER), {"UNIFORMER_FAST_BENCH_DEVICE": "cuda"}),
+}
+
+
+@pytest.fixture(scope="module")
+def collected():
+    """name -> (returncode, output, the collected test ids) for each of ``_SELECTIONS``: the
+    collections start together (each is mostly one interpreter importing torch) and are read once."""
+    procs = {name: subprocess.Popen(_collect_command(*args), cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=dict(os.environ, **env))
+             for name, (args, env) in _SELECTIONS.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = proc.returncode, out[-3000:] + err[-3000:], [line for line in out.splitlines() if "::" in line]
+    return results
+
+
+def test_parity_selection_exists(collected):
+    code, out, ids = collected["parity"]
+    assert code == 0, out
     for node in gpu_run.PARITY_TESTS:
         assert any(i == node or i.startswith(node + "[") or i.startswith(node + "::") for i in ids), node
 
 
-def test_benchmark_selections_collect():
-    files = [a for p in gpu_run.PARTS if p.kind == "bench" for a in p.args]
-    proc, ids = _collect(*files, "-k", gpu_run.FIRST_COMMAND_FILTER)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for f in files:
+def test_benchmark_selections_collect(collected):
+    code, out, ids = collected["benchmarks"]
+    assert code == 0, out
+    for f in _BENCH_FILES:
         assert any(i.startswith(f + "::") for i in ids), f"{f}: nothing selected"
     assert not [i for i in ids if "compile" in i.split("::")[-1] or "-f32-" in i]
 
 
-def test_first_command_trains_at_the_official_drop_path_rates():
+def test_first_command_trains_at_the_official_drop_path_rates(collected):
     """On the GPU's sizes (S and B; collecting needs no GPU): training rows at S 0.1 and 0, B 0.3 (not
     B at 0); block training rows with drop path and without; inference rows without."""
-    proc, ids = _collect("benchmarks/test_whole_model.py", "benchmarks/test_blocks.py", "-k",
-                         gpu_run.FIRST_COMMAND_FILTER, env={"UNIFORMER_FAST_BENCH_DEVICE": "cuda"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, out, ids = collected["gpu sizes"]
+    assert code == 0, out
     rows = [i.split("[", 1)[1].rstrip("]") for i in ids]
     train = {tuple(r.split("-")[i] for i in (0, 3)) for r in rows if "-train-" in r}
     assert train == {("uniformer_small", "dp0.1"), ("uniformer_small", "dp0"), ("uniformer_base", "dp0.3")}

@@ -7,7 +7,7 @@ import torch
 import uniformer_fast as uf
 from uniformer_fast.official import OfficialUniFormer
 
-from helpers import TINY_STAGE3_X2
+from helpers import TINY_STAGE3_X2, matrix
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
 TINY = dict(TINY_STAGE3_X2, num_classes=7)
@@ -218,10 +218,10 @@ def test_fuse_for_inference_keeps_outputs(dtype, rtol, assert_close):
         model.train()
 
 
-@pytest.mark.parametrize("dtype,cpu_has_it", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False),
-                                              (torch.float16, True), (torch.float16, False)])
-@pytest.mark.parametrize("std", [False, True])
-@pytest.mark.parametrize("fuse", [False, True])
+@matrix(cover="pairs", fuse=(False, True), std=(False, True),
+        **{"dtype,cpu_has_it": [pytest.param(d, has, id=f"{str(d)[6:]}-{'native' if has else 'emulated'}")
+                                for d, has in [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False),
+                                               (torch.float16, True), (torch.float16, False)]]})
 def test_cpu_inference_path_matches_official(dtype, cpu_has_it, std, fuse, cpu_native_dtypes, assert_close):
     # The CPU serving path: "auto" (oneDNN matmuls, C++ depthwise convolutions and attention, the
     # chunked MLP), the patch embeddings on oneDNN (its convolution, or matmuls over gathered

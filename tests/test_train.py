@@ -135,6 +135,9 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_small
     assert sorted(set(os.listdir(out)) - {"tensorboard"}) == ["last.pth", "metrics.csv"]  # no temporary file
 
 
+# The full tier: in the fast tier DDP's gradients are checked in-process (above) and the entry point
+# once in one process; this launch costs two more interpreter start-ups and a gloo rendezvous.
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp"])  # FSDP: tests/test_finetune.py, on videos
 def test_torchrun_two_processes(tmp_path, mode):
     """The real entry point under torchrun: 2 CPU processes over gloo, one epoch, a checkpoint."""

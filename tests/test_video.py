@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 av = pytest.importorskip("av")
 
-from helpers import frame_ids, id_frame, write_id_video  # noqa: E402
+from helpers import frame_ids, id_frame, matrix, write_id_video  # noqa: E402
 from uniformer_fast.video import (  # noqa: E402
     VideoDecodeError, VideoReader, crop_positions, dense_indices, load_clip, load_views, read_frames,
     resize_short_side, segment_indices, to_views, uniform_crop, view_indices, window_indices)
@@ -264,9 +264,8 @@ E2E_CONFIGS = [  # num_frames, sample_rate, views, crops, short_side
 ]
 
 
-@pytest.mark.parametrize("config", E2E_CONFIGS, ids=lambda c: "{}x{}_v{}_c{}_s{}".format(*c))
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-@pytest.mark.parametrize("video", ["long", "odd", "short", "one"])
+@matrix(cover="pairs", video=("long", "odd", "short", "one"), protocol=PROTOCOLS,
+        config=[pytest.param(c, id="{}x{}_v{}_c{}_s{}".format(*c)) for c in E2E_CONFIGS])
 def test_load_views_follows_official_rules(videos, video, protocol, config):
     num_frames, sample_rate, views, crops, short_side = config
     path = videos[video]
