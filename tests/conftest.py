@@ -11,6 +11,28 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import default_workers, usable_cpus  # noqa: E402
+
+if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    # A worker takes its share of the cores: two workers on two cores each running two OpenMP
+    # threads spin against each other (the fast tier took 192 s so, 140 s with one thread each).
+    torch.set_num_threads(max(1, usable_cpus() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Plain ``pytest`` spreads the tests over the machine's cores (``helpers.default_workers``
+    says when and how many). Runs before xdist's own hook: a conftest's ``tryfirst`` hook is
+    called before those of the plugins registered earlier."""
+    workers = default_workers(config)
+    if workers:
+        config.option.numprocesses = workers
+        if config.option.dist == "no":
+            # Idle workers take tests from busy ones: the durations are uneven (seconds for an
+            # ahead-of-time compile, milliseconds for most), and stealing evens out the end.
+            config.option.dist = "worksteal"
+
+
 # The project's relative tolerances by dtype, against a float64 reference: float32 1e-5 (2e-3 where
 # tf32 matmuls run), bfloat16 2e-2, float16 3e-3; NaN never passes.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import os
 import socket
 from fractions import Fraction
 
@@ -12,6 +13,37 @@ import torch
 from uniformer_fast import ops
 
 CL = torch.channels_last_3d
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+MAX_WORKERS = 8  # each worker holds about 1.2 GB at its peak
+
+
+def default_workers(config) -> int:
+    """The pytest-xdist workers a run gets that asks for none: plain ``pytest`` (the tests
+    ``testpaths`` names, with or without ``-m``/``-k``) runs on ``min(usable CPUs, MAX_WORKERS)``,
+    or ``$PYTEST_XDIST_AUTO_NUM_WORKERS``. 0, to run in this process: named files or tests,
+    ``-n`` given (``-n 0`` included), xdist absent (``-p no:xdist``), a debugger (``--pdb``,
+    ``--trace``), ``-s``, a command that runs no tests (``--collect-only``, ``--fixtures``), or
+    an xdist worker itself."""
+    option = config.option
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return 0
+    if getattr(option, "numprocesses", 0) is not None:
+        return 0
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return 0
+    one_process = ("usepdb", "trace", "collectonly", "showfixtures", "show_fixtures_per_test", "help", "version")
+    if any(getattr(option, name, False) for name in one_process) or getattr(option, "capture", "fd") == "no":
+        return 0
+    requested = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    workers = int(requested) if requested else min(usable_cpus(), MAX_WORKERS)
+    return workers if workers > 1 else 0
+
 LAYOUTS = ("contiguous", "channels_last", "sliced_channels_last", "sliced_contiguous")
 
 
