@@ -1,5 +1,5 @@
-"""Package layout: ``uniformer_fast/`` plus the Triton kernels in ``kernels/``, installed as the
-subpackage ``uniformer_fast.kernels``, and the C++ CPU kernels in ``csrc/``, compiled into
+"""Package layout: ``uniformer_fast/`` (the Triton kernels in its subpackage ``kernels/``) and the
+C++ CPU kernels in ``csrc/``, compiled into
 ``uniformer_fast._C`` (pybind11, no torch headers, so the binary does not depend on the torch
 version). Metadata lives in pyproject.toml.
 
@@ -13,7 +13,7 @@ import os
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 compile_args = ["-O3", "-ffp-contract=fast", "-Wno-psabi"]
 link_args = []
@@ -26,8 +26,9 @@ if os.environ.get("UNIFORMER_FAST_NATIVE", "0") not in ("", "0"):
 ext_modules = [] if os.environ.get("UNIFORMER_FAST_CPP", "1") == "0" else [
     Pybind11Extension(
         "uniformer_fast._C",
-        ["csrc/dwconv3d.cpp", "csrc/attention.cpp", "csrc/gelu.cpp"],
-        depends=["csrc/dwconv3d_impl.h", "csrc/attention.h", "csrc/gelu.h", "csrc/gelu_impl.h"],
+        ["csrc/module.cpp", "csrc/dwconv3d.cpp", "csrc/attention.cpp", "csrc/gelu.cpp"],
+        depends=["csrc/isa.h", "csrc/per_isa.h", "csrc/dwconv3d.h", "csrc/dwconv3d_impl.h", "csrc/attention.h",
+                 "csrc/gelu.h", "csrc/gelu_impl.h"],
         cxx_std=17,
         extra_compile_args=compile_args,
         extra_link_args=link_args,
@@ -38,8 +39,7 @@ ext_modules = [] if os.environ.get("UNIFORMER_FAST_CPP", "1") == "0" else [
 ]
 
 setup(
-    packages=["uniformer_fast", "uniformer_fast.ops", "uniformer_fast.kernels"],
-    package_dir={"uniformer_fast.kernels": "kernels"},
+    packages=find_packages(include=["uniformer_fast", "uniformer_fast.*"]),
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

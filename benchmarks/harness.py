@@ -348,10 +348,6 @@ def _append_jsonl(benchmark, stats) -> None:
         f.write(json.dumps(rec, default=str) + "\n")
 
 
-def needs_grad(*tensors):
-    return [t.detach().requires_grad_(True) for t in tensors]
-
-
 # ---------------------------------------------------------------------------------------------
 # Generated videos for the data-path benchmarks (evaluate, training clips).
 

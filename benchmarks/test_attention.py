@@ -16,7 +16,7 @@ import torch
 
 from uniformer_fast import ops
 from uniformer_fast.ops import attention_reference
-from uniformer_fast.ops.attention import sdpa_unchecked
+from uniformer_fast.ops.self_attention import sdpa_unchecked
 
 from . import floors
 from .harness import (DEVICE, DTYPE, DTYPE_NAME, ELEM_BYTES, HEAD_DIM, OP_FRAMES, call_or_skip,

@@ -4,9 +4,9 @@ with 0, 1 and 2 decoding workers, and where the time goes (decoding vs the model
 Rows of one group (the same videos, model and protocol):
 
 - ``decode-all``: the baseline, what reading a clip cost before streaming decoding: each video
-  decoded whole into memory (:func:`uniformer_fast.video.read_frames`), its views sampled from
+  decoded whole into memory (:func:`uniformer_fast.data.video.read_frames`), its views sampled from
   that, the model run on them one video at a time.
-- ``workers0``, ``workers1``, ``workers2``: :func:`uniformer_fast.evaluation.evaluate` decoding
+- ``workers0``, ``workers1``, ``workers2``: :func:`uniformer_fast.apps.evaluate.evaluate` decoding
   only the frames of its clips, in this process or in 1 or 2 worker processes overlapped with
   the model.
 - ``model-only``: the model alone on the same clips, already decoded: the time the pipeline would
@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from uniformer_fast import create_model
-from uniformer_fast.evaluation import evaluate
-from uniformer_fast.video import dense_indices, read_frames, to_views
+from uniformer_fast.apps.evaluate import evaluate
+from uniformer_fast.data.video import dense_indices, read_frames, to_views
 
 from . import floors
 from .harness import CPU_PRESET, DEVICE, ON_CUDA, run, write_camera_video
@@ -88,7 +88,7 @@ def test_evaluate_throughput(benchmark, param, videos, model):
                                        for v in range(views)])
                     model(clips.to(DEVICE)).float().softmax(-1).mean(0).cpu()
     else:  # model-only: the same clips, decoded beforehand
-        from uniformer_fast.video import load_views
+        from uniformer_fast.data.video import load_views
         clips = torch.cat([load_views(path, FRAMES, SAMPLE_RATE, views, 1, SIZE) for path, _ in videos]).to(DEVICE)
 
         def call():

@@ -5,7 +5,7 @@ Each group is one half at one stage shape; its rows are the backends. Baseline: 
 cuBLAS (``F.linear``, bias in its epilogue) then a separate ``F.gelu`` - what eager PyTorch runs.
 ``triton`` is the fused matmul + bias + GELU kernel (kernels/linear.py; backward: the GELU
 derivative fused into a recomputation of the pre-activation); ``compile`` is ``torch.compile``
-of the reference composition; ``cpp`` is oneDNN's fused linear (CPU inference only).
+of the reference composition; ``onednn`` is oneDNN's fused linear (CPU inference only).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .harness import (DEVICE, DTYPE, DTYPE_NAME, ELEM_BYTES, OP_FRAMES, call_or_
                       compile_fresh, op_backend_or_skip, pool_size, profile_kernels, run, stage_shape)
 
 BASELINE = "reference"
-ROWS = [BASELINE, "triton", "cpp"]
+ROWS = [BASELINE, "triton", "onednn"]
 MLP_RATIO = 4
 HALVES = {"fc1+gelu": "gelu", "fc2": None}
 CASES = [(stage, frames, half) for stage in (1, 2, 3, 4) for frames in OP_FRAMES for half in HALVES]

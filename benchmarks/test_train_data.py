@@ -3,12 +3,12 @@
 Rows of one group (the same videos and clip keys, one process, the CPU):
 
 - ``decode``: the training sampler's frames decoded, nothing else: the floor of every other row.
-- ``plain``: :class:`~uniformer_fast.train_data.TrainClips` without RandAugment and erasing
+- ``plain``: :class:`~uniformer_fast.data.training.TrainClips` without RandAugment and erasing
   (decode, normalise, random resized crop, flip).
 - ``recipe-pil``: the baseline, the official way to RandAugment a clip: every frame turned into a
   PIL image, the clip's ops applied to each with PIL, back to a tensor; then the same crop, flip
   and erasing as ``recipe``.
-- ``recipe``: :class:`~uniformer_fast.train_data.TrainClips` with the whole recipe (RandAugment
+- ``recipe``: :class:`~uniformer_fast.data.training.TrainClips` with the whole recipe (RandAugment
   ``rand-m7-n4-mstd0.5-inc1`` on all frames at once, random erasing 0.25).
 
 A call makes ``CLIPS`` clips (a fixed list of (epoch, video) keys, so every row draws the same
@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import torch
 
-from uniformer_fast.augment import RandAugment
-from uniformer_fast.evaluation import VideoItem
-from uniformer_fast.train_data import TrainClips, TrainRecipe, _Augmenter
-from uniformer_fast.video import VideoReader, train_indices
+from uniformer_fast.data.augment import RandAugment
+from uniformer_fast.data.lists import VideoItem
+from uniformer_fast.data.training import ClipAugmenter, TrainClips, TrainRecipe
+from uniformer_fast.data.video import VideoReader, train_indices
 
 from . import floors
 from .harness import CPU_PRESET, run, write_camera_video
@@ -83,7 +83,7 @@ for _enhance in ("Color", "Contrast", "Brightness", "Sharpness"):
         PIL_OPS[_name] = (lambda cls: lambda img, f: cls(img).enhance(f))(getattr(ImageEnhance, _enhance))
 
 
-class _PilAugmenter(_Augmenter):
+class _PilAugmenter(ClipAugmenter):
     """The recipe with RandAugment done the official way: per frame, through PIL images."""
 
     def __call__(self, frames, rng):

@@ -18,18 +18,21 @@
 // 4 x 64 409 / 705, 6 x 64 429 / 726; SDPA's flash kernel 185 / 175.
 #include "attention.h"
 
+#include "isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef UF_X86_VARIANTS
 #include <immintrin.h>
 #define UF_HAVE_ATTENTION_AVX512 1
 #endif
@@ -404,30 +407,43 @@ void in_team(long BH, long nunit, long threads, Pack pack, Unit unit) {
 
 namespace uf {
 
-bool attention_supported(bool bf16, bool avx2) {
+bool attention_supported(bool bf16) {
 #ifdef UF_HAVE_ATTENTION_AVX512
     __builtin_cpu_init();
-    if (avx2) return !bf16 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("fma");
-    return base && (!bf16 || __builtin_cpu_supports("avx512bf16"));
+    switch (current_isa()) {
+    case Isa::avx512: {
+        const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("fma");
+        return base && (!bf16 || __builtin_cpu_supports("avx512bf16"));
+    }
+    case Isa::avx2:
+        return !bf16 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default:
+        return false;
+    }
 #else
-    (void)bf16; (void)avx2;
+    (void)bf16;
     return false;
 #endif
 }
 
 void attention_fwd(std::uintptr_t qkv_p, std::uintptr_t out_p, long B, long N, long heads, long D, long sqb,
-                   long sqn, bool bf16, bool avx2, double scale, long threads) {
+                   long sqn, bool bf16, double scale, long threads) {
     if (B < 1 || N < 1 || heads < 1 || D < 32 || D % 32 != 0 || D > 256)
         throw std::invalid_argument("attention: needs B, N, heads >= 1 and head_dim a multiple of 32 up to 256");
     if (sqn < 3 * heads * D || sqb < 0)
         throw std::invalid_argument("attention: qkv's token stride must be at least 3 * heads * head_dim");
-    if (!attention_supported(bf16, avx2))
+    const Isa isa = current_isa();
+    const bool avx2 = isa == Isa::avx2;
+    if (!attention_supported(bf16)) {
+        if (isa != Isa::avx512 && !avx2)
+            throw std::runtime_error(std::string("attention: no kernels for instruction set '") + isa_name(isa) +
+                                     "' (needs AVX-512, or AVX2 + FMA for float32)");
         throw std::runtime_error(avx2 ? (bf16 ? "attention: bfloat16 needs AVX512-BF16, not AVX2"
                                               : "attention: this CPU lacks AVX2 and FMA")
                                       : bf16 ? "attention: this CPU lacks AVX512-BF16" : "attention: this CPU lacks AVX-512");
+    }
 #ifdef UF_HAVE_ATTENTION_AVX512
     const long C = heads * D, BH = B * heads;
     const float c = (float)(scale * 1.4426950408889634);  // scores go straight to log2 units

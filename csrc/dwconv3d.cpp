@@ -2,27 +2,22 @@
 //
 // Built without torch's headers: Python validates the tensors and passes data pointers (as
 // integers), sizes, strides (in elements) and a thread count, so the binary does not depend on the
-// torch version. The row kernels (dwconv3d_impl.h) are compiled three times, for AVX-512, AVX2+FMA
-// and the baseline x86-64 / other architectures, and the best one the CPU supports is picked at
-// import (override: UNIFORMER_FAST_ISA=avx512|avx2|generic, or _C.set_isa()).
-#include <pybind11/pybind11.h>
+// torch version. The row kernels (dwconv3d_impl.h) are compiled three times (per_isa.h), for
+// AVX-512, AVX2+FMA and the baseline x86-64 / other architectures, and run with the module's
+// instruction set (isa.h; module.cpp binds these entries).
+#include "dwconv3d.h"
 
-#include "attention.h"
-#include "gelu.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
-#include <string>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-namespace py = pybind11;
 
 #define UF_INLINE inline __attribute__((always_inline))
 
@@ -54,93 +49,14 @@ struct RowKernels {
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi2")
-namespace avx512 {
-#define UF_VLEN 16
-#include "dwconv3d_impl.h"
-#undef UF_VLEN
-}  // namespace avx512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi2")
-namespace avx2 {
-#define UF_VLEN 8
-#include "dwconv3d_impl.h"
-#undef UF_VLEN
-}  // namespace avx2
-#pragma GCC pop_options
-#define UF_HAVE_X86_VARIANTS 1
-#endif
-
-namespace generic {
-#define UF_VLEN 4
-#include "dwconv3d_impl.h"
-#undef UF_VLEN
-}  // namespace generic
+#define UF_ISA_IMPL "dwconv3d_impl.h"
+#include "per_isa.h"
+#undef UF_ISA_IMPL
 
 namespace {
 
-struct Isa {
-    const char* name;
-    const RowKernels* kernels;
-    bool (*supported)();
-};
-
-bool always() { return true; }
-#ifdef UF_HAVE_X86_VARIANTS
-bool has_avx512() {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-}
-bool has_avx2() {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-}
-#endif
-
-// Most preferred first.
-const Isa kIsas[] = {
-#ifdef UF_HAVE_X86_VARIANTS
-    {"avx512", &avx512::kernels, has_avx512},
-    {"avx2", &avx2::kernels, has_avx2},
-#endif
-    {"generic", &generic::kernels, always},
-};
-
-const Isa* g_isa = nullptr;
-
-const Isa* find_isa(const std::string& name) {
-    for (const Isa& isa : kIsas)
-        if (name == isa.name) return &isa;
-    return nullptr;
-}
-
-py::list supported_isas() {
-    py::list out;
-    for (const Isa& isa : kIsas)
-        if (isa.supported()) out.append(isa.name);
-    return out;
-}
-
-std::string set_isa(const std::string& name) {
-    const Isa* isa = find_isa(name);
-    if (!isa) throw std::invalid_argument("unknown ISA '" + name + "' (known: avx512, avx2, generic)");
-    if (!isa->supported()) throw std::invalid_argument("this CPU does not support ISA '" + name + "'");
-    std::string previous = g_isa->name;
-    g_isa = isa;
-    return previous;
-}
-
-void init_isa() {
-    for (const Isa& isa : kIsas)
-        if (isa.supported()) { g_isa = &isa; break; }
-    if (const char* env = std::getenv("UNIFORMER_FAST_ISA"); env && *env) set_isa(env);
-}
+// The row kernels of the current instruction set.
+const RowKernels* row_kernels() { return &UF_FOR_ISA(kernels); }
 
 inline const float* fptr(std::uintptr_t p) { return reinterpret_cast<const float*>(p); }
 inline float* mptr(std::uintptr_t p) { return reinterpret_cast<float*>(p); }
@@ -198,6 +114,10 @@ void taps_by_channel(const Shape& s, const float* weight, long swc, long swt, lo
             }
 }
 
+}  // namespace
+
+namespace uf {
+
 // y[b, t, h, w, c] = bias[c] + sum_taps weight[c, dt, dh, dw] * x[b, t + dt - pt, h + dh - ph, w + dw - pw, c]
 //                    (+ x[b, t, h, w, c] if residual)
 // x: (B, T, H, W, C) with strides (sxb, sxt, sxh, sxw, 1); weight: (C, 1, kt, kh, kw) with strides
@@ -221,7 +141,7 @@ void dwconv3d_fwd(std::uintptr_t x_p, std::uintptr_t w_p, std::uintptr_t bias_p,
         for (long c = 0; c < C; ++c) b[c] = bias[c * sbc];
         bias = b;
     }
-    const RowKernels* k = g_isa->kernels;
+    const RowKernels* k = row_kernels();
     const long nrow = B * T * H;
     // Output rows go in pairs (h, h + 1) of the same (b, t): see fwd_block.
     const long hpairs = (H + 1) / 2, nunit = B * T * hpairs;
@@ -262,7 +182,7 @@ void dwconv3d_bwd(std::uintptr_t x_p, std::uintptr_t gy_p, std::uintptr_t w_p, s
     float* dx = mptr(dx_p);
     float* dweight = mptr(dw_p);
     float* db = mptr(db_p);
-    const RowKernels* k = g_isa->kernels;
+    const RowKernels* k = row_kernels();
     const long K = s.K();
     const long sgh = W * C, sgt = H * sgh, sgb = T * sgt;  // gy is dense
     const long hpairs = (H + 1) / 2, npair = B * T * hpairs;
@@ -335,63 +255,4 @@ void dwconv3d_bwd(std::uintptr_t x_p, std::uintptr_t gy_p, std::uintptr_t w_p, s
     }
 }
 
-bool has_openmp() {
-#ifdef _OPENMP
-    return true;
-#else
-    return false;
-#endif
-}
-
-}  // namespace
-
-PYBIND11_MODULE(_C, m) {
-    m.doc() = "uniformer_fast CPU kernels: depthwise 3-D convolution on channels-last float32, attention on packed qkv, "
-              "GELU in place "
-              "(data pointers, sizes and element strides in; no torch headers)";
-    init_isa();
-    m.def("dwconv3d_fwd", &dwconv3d_fwd, py::call_guard<py::gil_scoped_release>(),
-          py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
-          py::arg("B"), py::arg("C"), py::arg("T"), py::arg("H"), py::arg("W"),
-          py::arg("kt"), py::arg("kh"), py::arg("kw"),
-          py::arg("sxb"), py::arg("sxt"), py::arg("sxh"), py::arg("sxw"),
-          py::arg("swc"), py::arg("swt"), py::arg("swh"), py::arg("sww"), py::arg("sbc"),
-          py::arg("flip"), py::arg("residual"), py::arg("threads"),
-          "y (B,T,H,W,C) contiguous = depthwise conv of x (B,T,H,W,C; strides sxb..sxw, unit C "
-          "stride) with weight (C,1,kt,kh,kw; strides swc..sww; reflected if flip) + bias (C,; "
-          "stride sbc) or 0 (+ x if residual).");
-    m.def("dwconv3d_bwd", &dwconv3d_bwd, py::call_guard<py::gil_scoped_release>(),
-          py::arg("x"), py::arg("grad_y"), py::arg("weight"), py::arg("grad_x"), py::arg("grad_weight"),
-          py::arg("grad_bias"), py::arg("B"), py::arg("C"), py::arg("T"), py::arg("H"), py::arg("W"),
-          py::arg("kt"), py::arg("kh"), py::arg("kw"),
-          py::arg("sxb"), py::arg("sxt"), py::arg("sxh"), py::arg("sxw"),
-          py::arg("swc"), py::arg("swt"), py::arg("swh"), py::arg("sww"), py::arg("residual"), py::arg("threads"),
-          "One pass: grad_x (B,T,H,W,C contiguous; 0 to skip; + grad_y if residual), grad_weight "
-          "(C,1,kt,kh,kw contiguous) and grad_bias (C,; 0 to skip) from x (strided, unit C stride), "
-          "grad_y (B,T,H,W,C contiguous) and weight (strides swc..sww); bitwise the same for any "
-          "thread count.");
-    m.def("attention_fwd", &uf::attention_fwd, py::call_guard<py::gil_scoped_release>(),
-          py::arg("qkv"), py::arg("out"), py::arg("B"), py::arg("N"), py::arg("heads"), py::arg("D"),
-          py::arg("sqb"), py::arg("sqn"), py::arg("bf16"), py::arg("avx2"), py::arg("scale"), py::arg("threads"),
-          "out (B,N,heads*D) dense = softmax(scale q k^T) v per head, from qkv (B,N,3,heads,D; batch and "
-          "token strides sqb, sqn; unit stride in a token); float32, or bfloat16 bits if bf16; the AVX-512 "
-          "kernels, or the AVX2 + FMA ones (float32 only) if avx2.");
-    m.def("attention_supported", &uf::attention_supported, py::arg("bf16"), py::arg("avx2"),
-          "Whether this build and CPU run attention_fwd (in bfloat16 if bf16; on AVX2 if avx2).");
-    m.def("gelu_inplace",
-          [](std::uintptr_t x, long n, const std::string& name, long threads) {
-              const Isa* isa = find_isa(name);
-              if (!isa || !isa->supported())
-                  throw std::invalid_argument("gelu: ISA '" + name + "' is unknown, or not one this build and CPU "
-                                              "run (known: avx512, avx2, generic)");
-              py::gil_scoped_release release;
-              uf::gelu_inplace(x, n, name, threads);
-          },
-          py::arg("x"), py::arg("n"), py::arg("isa"), py::arg("threads"),
-          "x[0 .. n) = gelu(x) in place (float32, dense; the exact erf form to 2.4e-7 max(|x|, 1)) with "
-          "the kernels of instruction set isa.");
-    m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
-    m.def("supported_isas", &supported_isas, "Instruction sets this CPU can run, best first.");
-    m.def("set_isa", &set_isa, py::arg("name"), "Select the kernels' instruction set; returns the previous one.");
-    m.def("has_openmp", &has_openmp);
-}
+}  // namespace uf

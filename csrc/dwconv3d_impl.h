@@ -1,6 +1,7 @@
 // Depthwise 3-D convolution kernels on channels-last float32 data, written once and compiled once
-// per instruction set: dwconv3d.cpp includes this file inside `namespace UF_ISA { ... }` under a
-// `#pragma GCC target(...)`, with UF_VLEN the number of float lanes of that set's vectors.
+// per instruction set: dwconv3d.cpp has per_isa.h include it inside
+// `namespace avx512|avx2|generic { ... }` under a `#pragma GCC target(...)`, with UF_VLEN the
+// number of float lanes of that set's vectors.
 //
 // Layouts (all float32):
 //   x, gy:  (B, T, H, W, C) with unit channel stride; B/T/H/W strides in elements are arguments

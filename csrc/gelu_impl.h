@@ -1,6 +1,6 @@
 // The exact (erf) GELU in place on float32, written once and compiled once per instruction set:
-// gelu.cpp includes this file inside `namespace UF_ISA { ... }` under a `#pragma GCC target(...)`,
-// with UF_VLEN the number of float lanes of that set's vectors.
+// gelu.cpp has per_isa.h include it inside `namespace avx512|avx2|generic { ... }` under a
+// `#pragma GCC target(...)`, with UF_VLEN the number of float lanes of that set's vectors.
 //
 // gelu(x) = x/2 (1 + erf(x / sqrt 2)), with erf(x / sqrt 2) = x P(x^2) / Q(x^2) on |x| <= 4 sqrt 2
 // (beyond it erf rounds to +-1 in float32), P of degree 6 and Q of degree 4: a rational fit of our

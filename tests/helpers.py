@@ -1,7 +1,6 @@
 """Input makers shared by the kernel tests (importable as ``helpers``: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 import socket
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from uniformer_fast import ops
+from uniformer_fast.ops import extension, fully_connected
 
 CL = torch.channels_last_3d
 
@@ -111,9 +111,12 @@ def assert_stats_of_stored_y(y, mean, var, assert_close):
 def cpp_attention_why_not(dtype=torch.float32):
     """None where the "cpp" attention kernel runs ``dtype`` with the kernels' instruction set in force
     (AVX-512 or AVX2 for float32; AVX512-BF16 for bfloat16), else why not."""
-    from uniformer_fast.ops.attention import _cpp_why_not
-    with torch.no_grad():
-        return _cpp_why_not(torch.empty(1, 1, 3 * 32, dtype=dtype), 1, 1.0, 0.0)
+    try:
+        with torch.no_grad():
+            ops.backend_for(ops.attention, torch.empty(1, 1, 3 * 32, dtype=dtype), 1, backend="cpp")
+    except ops.BackendUnavailableError as e:
+        return str(e)
+    return None
 
 
 def attention_rtol(dtype):
@@ -199,19 +202,16 @@ TINY_STAGE3_X2 = dict(TINY, depth=(1, 1, 2, 1))
 needs_triton = pytest.mark.triton
 
 
-# The modules, not the public functions of the same names that uniformer_fast.ops exports.
-_cpp = importlib.import_module("uniformer_fast.ops.dwconv3d")._cpp
-_onednn_linear = importlib.import_module("uniformer_fast.ops.linear")._ONEDNN_LINEAR
 _no_cpp_attention = cpp_attention_why_not()
 
-needs_cpp = pytest.mark.skipif(_cpp is None, reason="the C++ extension is not built")
-needs_onednn = pytest.mark.skipif(_onednn_linear is None, reason="no oneDNN linear in this torch")
+needs_cpp = pytest.mark.skipif(extension.C is None, reason="the C++ extension is not built")
+needs_onednn = pytest.mark.skipif(fully_connected.ONEDNN_LINEAR is None, reason="no oneDNN linear in this torch")
 needs_cpp_attention = pytest.mark.skipif(_no_cpp_attention is not None, reason=str(_no_cpp_attention))
 
 
 def run_cli(args, capsys):
     """``uniformer-fast ARGS`` in this process: (exit code, stdout, stderr)."""
-    from uniformer_fast.cli import main
+    from uniformer_fast.apps.cli import main
     code = main(args)
     out, err = capsys.readouterr()
     return code, out, err

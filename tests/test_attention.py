@@ -272,15 +272,12 @@ def _needs_cpp_attention(dtype):
 
 def _cpp_isa_case(dtype, isa):
     """A (dtype, kernel instruction set) case, skipped where this CPU or build cannot run it."""
-    from uniformer_fast.ops.dwconv3d import _cpp
-    if _cpp is None or isa not in _cpp.supported_isas():
+    from uniformer_fast.ops import extension
+    if isa not in extension.supported_isas():  # empty without the extension
         reason = f"needs the C++ extension on a CPU with {isa}"
     else:
-        previous = _cpp.set_isa(isa)
-        try:
+        with extension.use_isa(isa):
             reason = cpp_attention_why_not(dtype)
-        finally:
-            _cpp.set_isa(previous)
     name = str(dtype).removeprefix("torch.")
     return pytest.param(dtype, isa, marks=pytest.mark.skipif(reason is not None, reason=str(reason)),
                         id=f"{name}-{isa}")
@@ -296,10 +293,9 @@ CPP_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.fixture
 def cpp_isa(request):
     """Runs the test with the C++ kernels' instruction set ``isa`` (from the dtype,isa parameters)."""
-    from uniformer_fast.ops.dwconv3d import _cpp
-    previous = _cpp.set_isa(request.getfixturevalue("isa"))
-    yield
-    _cpp.set_isa(previous)
+    from uniformer_fast.ops import extension
+    with extension.use_isa(request.getfixturevalue("isa")):
+        yield
 
 
 # (B, N, heads, head_dim): one token; N below, at and past the 6-query blocks and the 16-, 32- and
@@ -410,15 +406,14 @@ def test_cpp_refuses_by_name_what_it_cannot_run(qkv, heads, kw, match):
 
 
 def test_cpp_follows_the_kernels_instruction_set():
-    """UNIFORMER_FAST_ISA / _C.set_isa: on AVX2 float32 runs the AVX2 kernel (the same results as
+    """UNIFORMER_FAST_ISA / extension.use_isa: on AVX2 float32 runs the AVX2 kernel (the same results as
     the AVX-512 one within rounding) and bfloat16 is refused, by name and in "auto"; on "generic"
     nothing runs."""
-    from uniformer_fast.ops.dwconv3d import _cpp
-    if _cpp is None or "avx2" not in _cpp.supported_isas():
+    from uniformer_fast.ops import extension
+    if "avx2" not in extension.supported_isas():  # empty without the extension
         pytest.skip("needs the C++ extension on an AVX2 CPU")
     qkv = torch.randn(1, 20, 3 * 64)
-    previous = _cpp.set_isa("avx2")
-    try:
+    with extension.use_isa("avx2"):
         with torch.no_grad():
             assert ops.backend_for(ops.attention, qkv, 1) == "cpp"
             assert ops.backend_for(ops.attention, qkv.bfloat16(), 1) == "sdpa"
@@ -426,18 +421,15 @@ def test_cpp_follows_the_kernels_instruction_set():
         with pytest.raises(BackendUnavailableError,
                            match=r"bfloat16 needs a CPU with AVX512-BF16 \(kernels' instruction set here: avx2\)"):
             ops.attention(qkv.bfloat16(), 1, backend="cpp")
-        _cpp.set_isa("generic")
+    with extension.use_isa("generic"):
         with pytest.raises(BackendUnavailableError,
                            match=r"needs a CPU with AVX-512 or AVX2 \(kernels' instruction set here: generic\)"):
             ops.attention(qkv, 1, backend="cpp")
         with torch.no_grad():
             assert ops.backend_for(ops.attention, qkv, 1) == "sdpa"
-        if "avx512" in _cpp.supported_isas():
-            _cpp.set_isa("avx512")
-            with torch.no_grad():
-                torch.testing.assert_close(on_avx2, ops.attention(qkv, 1, backend="cpp"), rtol=1e-5, atol=1e-6)
-    finally:
-        _cpp.set_isa(previous)
+    if "avx512" in extension.supported_isas():
+        with extension.use_isa("avx512"), torch.no_grad():
+            torch.testing.assert_close(on_avx2, ops.attention(qkv, 1, backend="cpp"), rtol=1e-5, atol=1e-6)
 
 
 @_needs_cpp_attention(torch.float32)

@@ -1,4 +1,4 @@
-"""uniformer_fast.augment against the official UniFormer training augmentations and PIL.
+"""uniformer_fast.data.augment against the official UniFormer training augmentations and PIL.
 
 The official rules (Sense-X/UniFormer ``video_classification/slowfast/datasets``: rand_augment.py,
 transform.py, random_erasing.py, mixup.py, after timm) are restated below as plain reference
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from uniformer_fast import augment
-from uniformer_fast.augment import (INCREASING_OPS, OPS, Mixup, RandAugment, RandomErasing, horizontal_flip,
+from uniformer_fast.data import augment
+from uniformer_fast.data.augment import (INCREASING_OPS, OPS, Mixup, RandAugment, RandomErasing, horizontal_flip,
                                     random_resized_crop, short_side_jitter_crop, soft_target_cross_entropy)
 
 ALL_OPS = sorted(set(INCREASING_OPS) | set(OPS))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import uniformer_fast as uf
-from uniformer_fast.video import preprocess, sample_indices
+from uniformer_fast.data.video import preprocess, sample_indices
 
 from helpers import needs_triton, run_cli
 
@@ -119,7 +119,7 @@ def test_classify_prints_top5(classify_files, capsys):
     probs = [float(line.split("%")[0]) for line in lines]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
     # The same numbers as running the model by hand on the same preprocessed clip.
-    from uniformer_fast.video import load_clip
+    from uniformer_fast.data.video import load_clip
     with torch.no_grad():
         expected = model.eval()(load_clip(str(video), 4, 2, 64)[None]).softmax(-1)[0]
     top = expected.topk(5)

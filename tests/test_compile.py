@@ -1,6 +1,5 @@
 """torch.compile(fullgraph=True) of the model over the fused ops. (Each custom op's opcheck and
 full-graph compile: tests/test_op_contracts.py.)"""
-import importlib
 
 import pytest
 import torch
@@ -8,11 +7,9 @@ import torch
 import uniformer_fast as uf
 from uniformer_fast import ops
 from uniformer_fast.kernels import INTERPRET
+from uniformer_fast.ops import depthwise_conv as dwconv_mod, extension
 
 from helpers import TINY_HEAD32, needs_cpp, needs_triton
-
-# The module, not the public function of the same name that uniformer_fast.ops exports.
-dwconv_mod = importlib.import_module("uniformer_fast.ops.dwconv3d")
 
 # head_dim 32: a size the triton attention supports; tiny so the interpreter stays quick.
 TINY = dict(TINY_HEAD32, num_classes=5)
@@ -81,9 +78,9 @@ def test_compile_recompiles_when_the_backend_changes():
             compiled(x, w)
         n = len(calls)
         assert n > 0
-        with ops.use_backend("cpp" if dwconv_mod._cpp is not None else "reference"):
+        with ops.use_backend("cpp" if extension.C is not None else "reference"):
             compiled(x, w)
-        assert (len(calls) == n) == (dwconv_mod._cpp is not None)
+        assert (len(calls) == n) == (extension.C is not None)
     finally:
         ops.backend._OPS["dwconv3d"].impls["reference"] = ops.backend._Impl(real, lambda *a: None)
 
@@ -98,7 +95,7 @@ def test_compile_fullgraph_cpu_inference(mode, assert_close):
     model = uf.UniFormer(**TINY).eval()
     x = torch.randn(2, 3, 4, 64, 64)
     with mode():
-        assert ops.backend.resolve("linear", "auto", x.device, x[0, 0], torch.empty(3, 64), None, "gelu")[0] == "cpp"
+        assert ops.backend.resolve("linear", "auto", x.device, x[0, 0], torch.empty(3, 64), None, "gelu")[0] == "onednn"
         expected = model(x)
         got = torch.compile(model, fullgraph=True)(x)
     assert_close(got, expected, rtol=1e-5)

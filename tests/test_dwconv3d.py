@@ -8,13 +8,13 @@ which costs ~0.1 ms per operation per program: the shapes are tiny but cross eve
 not a multiple of the 16-channel interpreter block, position tiles that straddle batch elements,
 weight-gradient groups with a tile past the end, T=1, H=W=1, kernels larger than the input).
 """
-import importlib
 
 import pytest
 import torch
 
 from uniformer_fast import ops
 from uniformer_fast.ops import BackendUnavailableError
+from uniformer_fast.ops import depthwise_conv as dwconv3d_module
 
 from helpers import LAYOUTS, assert_all_close, assert_untouched, clones, make_x, matrix, run_dwconv3d
 
@@ -22,7 +22,6 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
 CL = torch.channels_last_3d
-dwconv3d_module = importlib.import_module("uniformer_fast.ops.dwconv3d")
 
 
 def _check(shape, kernel, dtype, residual, with_bias, layout, device, assert_close):

@@ -1,7 +1,6 @@
 """The "cpp" backend of ops.dwconv3d (csrc/, built into uniformer_fast._C): parity with the float64
 reference for the output and every gradient, edge shapes, layouts, thread-count determinism, and
 the fallback when the extension is missing."""
-import importlib
 import os
 import subprocess
 import sys
@@ -12,14 +11,12 @@ import torch
 
 # Not importorskip: `pip install .` must build it, so a missing extension fails these tests.
 from uniformer_fast import _C, ops
-from uniformer_fast.ops import BackendUnavailableError
+from uniformer_fast.ops import BackendUnavailableError, extension
 
 from helpers import run_dwconv3d
 
 
 CL = torch.channels_last_3d
-# The module (ops.dwconv3d is the function of the same name).
-dwconv3d_module = importlib.import_module("uniformer_fast.ops.dwconv3d")
 
 
 def _inputs(shape, kernel, with_bias, layout="channels_last"):
@@ -83,13 +80,10 @@ def test_dwconv3d_cpp_stage_like_shapes(shape, kernel, assert_close):
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_dwconv3d_cpp_every_instruction_set(isa, assert_close):
     """Each compiled variant (the default picks the best one this CPU has) against the reference."""
-    if isa not in _C.supported_isas():
+    if isa not in extension.supported_isas():
         pytest.skip(f"this CPU cannot run {isa}")
-    previous = _C.set_isa(isa)
-    try:
+    with extension.use_isa(isa):
         _check_parity((2, 37, 3, 5, 17), (3, 5, 5), True, True, "channels_last", assert_close)
-    finally:
-        _C.set_isa(previous)
 
 
 def test_dwconv3d_cpp_same_result_for_1_and_2_threads():
@@ -160,9 +154,9 @@ def test_dwconv3d_cpp_by_name_rejects_other_dtypes():
 def test_dwconv3d_cpp_fallback_when_extension_missing(monkeypatch, assert_close):
     """A failed import: "auto" runs the reference with one warning; "cpp" by name says why."""
     message = "the C++ extension uniformer_fast._C failed to import (ImportError: simulated)"
-    monkeypatch.setattr(dwconv3d_module, "_cpp", None)
-    monkeypatch.setattr(dwconv3d_module, "_CPP_IMPORT_ERROR", message)
-    monkeypatch.setattr(dwconv3d_module, "_cpp_warned", False)
+    monkeypatch.setattr(extension, "C", None)
+    monkeypatch.setattr(extension, "IMPORT_ERROR", message)
+    monkeypatch.setattr(extension, "_warned", set())  # as in a fresh process
     x = torch.randn(1, 4, 2, 3, 3)
     w = torch.randn(4, 1, 3, 3, 3)
     with warnings.catch_warnings(record=True) as caught:

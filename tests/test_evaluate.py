@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import uniformer_fast as uf
-from uniformer_fast.evaluation import VideoItem, evaluate, extract, find_videos, read_video_list
-from uniformer_fast.video import VideoReader, load_views, to_views, window_indices
+from uniformer_fast.apps.evaluate import evaluate
+from uniformer_fast.apps.extract import extract
+from uniformer_fast.data.lists import VideoItem, find_videos, read_video_list
+from uniformer_fast.data.video import VideoReader, load_views, to_views, window_indices
 
 pytest.importorskip("av")
 import helpers  # noqa: E402
@@ -268,7 +270,7 @@ def test_extract_drops_a_video_that_fails_midway(dataset, model, tmp_path, monke
         if self.path.endswith("v5.mp4"):
             reads["n"] = reads.get("n", 0) + 1
             if reads["n"] == 3:
-                from uniformer_fast.video import VideoDecodeError
+                from uniformer_fast.data.video import VideoDecodeError
                 raise VideoDecodeError(f"{self.path!r}: frame 40 could not be decoded")
         return real(self, indices)
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import uniformer_fast as uf
-from uniformer_fast.evaluation import VideoItem
-from uniformer_fast.train import main as train_main, param_groups, warmup_cosine
-from uniformer_fast.train_data import EpochSampler, TrainClips, TrainRecipe, find_training_videos
-from uniformer_fast.video import random_dense_indices, random_segment_indices
+from uniformer_fast.data.lists import VideoItem
+from uniformer_fast.apps.train import main as train_main, param_groups, warmup_cosine
+from uniformer_fast.data.training import EpochSampler, TrainClips, TrainRecipe, find_training_videos
+from uniformer_fast.data.video import random_dense_indices, random_segment_indices
 
 av = pytest.importorskip("av")
 from helpers import TINY, free_port, write_id_video  # noqa: E402
@@ -139,8 +139,8 @@ def test_train_clips_are_deterministic_and_the_same_on_every_frame(tmp_path):
 def test_load_clip_and_preprocess_train_through_the_recipe(videos):
     """The public one-clip helpers train with the same recipe as TrainClips: seeded, they give
     the clip TrainClips' augmentation gives for the same frames and draws."""
-    from uniformer_fast.train_data import augment_clip
-    from uniformer_fast.video import VideoReader, load_clip, preprocess
+    from uniformer_fast.data.training import augment_clip, load_clip, preprocess
+    from uniformer_fast.data.video import VideoReader
     path = str(videos / "class1" / "v2.mp4")
     a = load_clip(path, 4, 2, 32, train=True, rng=random.Random(3))
     assert a.shape == (3, 4, 32, 32) and torch.equal(a, load_clip(path, 4, 2, 32, train=True, rng=random.Random(3)))

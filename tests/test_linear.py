@@ -1,13 +1,10 @@
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from uniformer_fast import ops
 from uniformer_fast.ops import BackendUnavailableError
-
-linear_mod = importlib.import_module("uniformer_fast.ops.linear")
+from uniformer_fast.ops import extension, fully_connected as linear_mod
 
 from helpers import needs_onednn
 
@@ -17,13 +14,12 @@ def reference64(x, w, b, activation):
     return F.gelu(y) if activation == "gelu" else y
 
 
-_cpp = importlib.import_module("uniformer_fast.ops.dwconv3d")._cpp
 ISAS = ("avx512", "avx2", "generic")
 
 
 def _isa_param(isa, id_prefix=""):
     """A C++ kernel instruction set, skipped where this CPU or build cannot run it."""
-    ok = _cpp is not None and isa in _cpp.supported_isas()
+    ok = isa in extension.supported_isas()  # empty without the extension
     return pytest.param(isa, id=id_prefix + isa,
                         marks=pytest.mark.skipif(not ok, reason=f"needs the C++ extension on a CPU with {isa}"))
 
@@ -31,15 +27,14 @@ def _isa_param(isa, id_prefix=""):
 @pytest.fixture(params=[pytest.param("epilogue", id="gelu-in-epilogue"),
                         *(_isa_param(isa, "gelu-after-") for isa in ISAS)])
 def gelu_placement(request, monkeypatch):
-    """Both places the "cpp" backend puts GELU, whichever this CPU takes: oneDNN's epilogue (at
+    """Both places the "onednn" backend puts GELU, whichever this CPU takes: oneDNN's epilogue (at
     AVX-512) or our C++ GELU in place right after the matmul (below), with each of its kernels."""
     monkeypatch.setattr(linear_mod, "_GELU_IN_EPILOGUE", request.param == "epilogue")
     if request.param == "epilogue":
         yield request.param
         return
-    previous = _cpp.set_isa(request.param)
-    yield request.param
-    _cpp.set_isa(previous)
+    with extension.use_isa(request.param):
+        yield request.param
 
 
 @needs_onednn
@@ -47,18 +42,19 @@ def gelu_placement(request, monkeypatch):
 @pytest.mark.parametrize("out_features", [256, 17])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_cpp_matches_reference(shape, out_features, activation, with_bias, gelu_placement, assert_close):
+def test_onednn_matches_reference(shape, out_features, activation, with_bias, gelu_placement, assert_close):
     x = torch.randn(shape)
     w, b = torch.randn(out_features, shape[-1]), torch.randn(out_features) if with_bias else None
     with torch.no_grad():
-        y = ops.linear(x, w, b, activation=activation, backend="cpp")
+        y = ops.linear(x, w, b, activation=activation, backend="onednn")
     assert y.shape == shape[:-1] + (out_features,)
     assert_close(y, reference64(x, w, b, activation))
 
 
 def _gelu_cpp(x, isa, threads):
     y = x.clone()
-    _cpp.gelu_inplace(y.data_ptr(), y.numel(), isa, threads)
+    with extension.use_isa(isa):  # the kernels run with the extension's instruction set
+        extension.C.gelu_inplace(y.data_ptr(), y.numel(), threads)
     return y
 
 
@@ -99,15 +95,22 @@ def test_cpp_gelu_kernel_same_bits_for_any_thread_count(isa):
 
 
 def test_cpp_gelu_kernel_rejects_an_unknown_or_unsupported_isa():
-    if _cpp is None:
+    """The GELU runs with the extension's instruction set: selecting an unknown one, or one this
+    build and CPU do not run, is refused and leaves the choice (and the GELU) as it was."""
+    if extension.C is None:
         pytest.skip("needs the C++ extension")
-    x = torch.randn(8)
-    with pytest.raises(ValueError, match="unknown, or not one this build and CPU run"):
-        _cpp.gelu_inplace(x.data_ptr(), 8, "sse9", 1)
+    before = extension.isa()
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        with extension.use_isa("sse9"):
+            pass
     for isa in ISAS:
-        if isa not in _cpp.supported_isas():
+        if isa not in extension.supported_isas():
             with pytest.raises(ValueError, match=isa):
-                _cpp.gelu_inplace(x.data_ptr(), 8, isa, 1)
+                with extension.use_isa(isa):
+                    pass
+    assert extension.isa() == before
+    x = torch.randn(8)
+    torch.testing.assert_close(_gelu_cpp(x, before, 1), F.gelu(x), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -122,21 +125,21 @@ def test_gelu_after_the_matmul_leaves_other_dtypes_to_aten(dtype, assert_close):
 
 
 @needs_onednn
-def test_cpp_reads_channels_last_views(assert_close):
+def test_onednn_reads_channels_last_views(assert_close):
     # The model's 1x1x1 convs: the (B, T, H, W, C) view of a channels_last_3d tensor, and a slice.
     x = torch.randn(2, 16, 3, 4, 5).to(memory_format=torch.channels_last_3d).permute(0, 2, 3, 4, 1)
     w, b = torch.randn(8, 16), torch.randn(8)
     with torch.no_grad():
-        assert_close(ops.linear(x, w, b, backend="cpp"), reference64(x, w, b, None))
-        assert_close(ops.linear(x[:, 1:, :, ::2], w, b, backend="cpp"), reference64(x[:, 1:, :, ::2], w, b, None))
+        assert_close(ops.linear(x, w, b, backend="onednn"), reference64(x, w, b, None))
+        assert_close(ops.linear(x[:, 1:, :, ::2], w, b, backend="onednn"), reference64(x[:, 1:, :, ::2], w, b, None))
 
 
 @needs_onednn
-def test_auto_uses_cpp_for_inference_and_reference_for_training(assert_close):
+def test_auto_uses_onednn_for_inference_and_reference_for_training(assert_close):
     x, w, b = torch.randn(5, 8), torch.randn(4, 8, requires_grad=True), torch.randn(4, requires_grad=True)
     registry = ops.backend
     with torch.no_grad():
-        assert registry.resolve("linear", "auto", x.device, x, w, b, "gelu")[0] == "cpp"
+        assert registry.resolve("linear", "auto", x.device, x, w, b, "gelu")[0] == "onednn"
     assert registry.resolve("linear", "auto", x.device, x, w, b, "gelu")[0] == "reference"
     y = ops.linear(x, w, b, activation="gelu")  # training: differentiable
     y.sum().backward()
@@ -144,13 +147,13 @@ def test_auto_uses_cpp_for_inference_and_reference_for_training(assert_close):
     reference64(x, w64, b.detach(), "gelu").sum().backward()
     assert_close(w.grad, w64.grad)
     with pytest.raises(BackendUnavailableError, match="inference only"):
-        ops.linear(x, w, b, backend="cpp")
+        ops.linear(x, w, b, backend="onednn")
     with pytest.raises(BackendUnavailableError, match="float32, bfloat16 and float16; got torch.float64"), \
             torch.no_grad():
-        ops.linear(x.double(), w.double(), backend="cpp")
+        ops.linear(x.double(), w.double(), backend="onednn")
 
 
-# Each half-precision dtype on both of the "cpp" backend's paths: oneDNN in that dtype (only where
+# Each half-precision dtype on both of the "onednn" backend's paths: oneDNN in that dtype (only where
 # this CPU runs it natively) and float32 compute rounded once (what CPUs without bf16/fp16 get).
 _HALF_PATHS = [pytest.param(dtype, native, id=f"{str(dtype)[6:]}-{'native' if native else 'via-float32'}",
                             marks=pytest.mark.skipif(native and dtype not in linear_mod.ONEDNN_NATIVE_DTYPES,
@@ -161,15 +164,15 @@ _HALF_PATHS = [pytest.param(dtype, native, id=f"{str(dtype)[6:]}-{'native' if na
 @needs_onednn
 @pytest.mark.parametrize("dtype,native", _HALF_PATHS)
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_cpp_half_precision(dtype, native, activation, gelu_placement, monkeypatch, assert_close):
+def test_onednn_half_precision(dtype, native, activation, gelu_placement, monkeypatch, assert_close):
     natives = linear_mod.ONEDNN_NATIVE_DTYPES | {dtype} if native else linear_mod.ONEDNN_NATIVE_DTYPES - {dtype}
     monkeypatch.setattr(linear_mod, "ONEDNN_NATIVE_DTYPES", natives)
     x = torch.randn(2, 3, 5, 4, 72).to(memory_format=torch.channels_last_3d)[:, 1:]  # strided rows
     w, b = torch.randn(37, 72), torch.randn(37)
     with torch.no_grad():
-        y = ops.linear(x.to(dtype), w.to(dtype), b.to(dtype), activation=activation, backend="cpp")
-        with torch.autocast("cpu", dtype=dtype):  # the model's route: auto takes "cpp" in any dtype
-            assert ops.backend_for(ops.linear, x, w, b, activation=activation) == "cpp"
+        y = ops.linear(x.to(dtype), w.to(dtype), b.to(dtype), activation=activation, backend="onednn")
+        with torch.autocast("cpu", dtype=dtype):  # the model's route: auto takes "onednn" in any dtype
+            assert ops.backend_for(ops.linear, x, w, b, activation=activation) == "onednn"
             y_auto = ops.linear(x, w, b, activation=activation)
     ref = reference64(x.to(dtype), w.to(dtype), b.to(dtype), activation)
     for got in (y, y_auto):
@@ -203,32 +206,32 @@ def test_bad_input(args, kwargs, err, match):
 
 @needs_onednn
 @pytest.mark.skipif(linear_mod._REORDER is None, reason="no oneDNN weight reorder in this torch")
-def test_cpp_packs_each_parameter_once_and_repacks_after_a_write(assert_close):
+def test_onednn_packs_each_parameter_once_and_repacks_after_a_write(assert_close):
     conv = torch.nn.Conv3d(24, 40, 1)  # the model's 1x1x1 convs pass a view of the parameter
     x = torch.randn(2, 3, 33, 24)
     with torch.no_grad():
-        y = ops.linear(x, conv.weight.flatten(1), conv.bias, backend="cpp")
+        y = ops.linear(x, conv.weight.flatten(1), conv.bias, backend="onednn")
         (packed,) = linear_mod._PACKED[conv.weight].values()
-        y_again = ops.linear(x[:, :1], conv.weight.flatten(1), conv.bias, backend="cpp")  # other rows: same pack
+        y_again = ops.linear(x[:, :1], conv.weight.flatten(1), conv.bias, backend="onednn")  # other rows: same pack
         assert linear_mod._PACKED[conv.weight][next(iter(linear_mod._PACKED[conv.weight]))] is packed
         assert_close(y, reference64(x, conv.weight.flatten(1), conv.bias, None))
         assert_close(y_again, reference64(x[:, :1], conv.weight.flatten(1), conv.bias, None))
         conv.weight.mul_(-2.0)  # an in-place write (as load_state_dict makes): the pack is stale
-        y_new = ops.linear(x, conv.weight.flatten(1), conv.bias, backend="cpp")
+        y_new = ops.linear(x, conv.weight.flatten(1), conv.bias, backend="onednn")
         assert_close(y_new, reference64(x, conv.weight.flatten(1), conv.bias, None))
         # A plain tensor (not a parameter) is never cached: it may be a temporary.
         w = torch.randn(40, 24)
-        assert_close(ops.linear(x, w, None, backend="cpp"), reference64(x, w, None, None))
+        assert_close(ops.linear(x, w, None, backend="onednn"), reference64(x, w, None, None))
         assert w not in linear_mod._PACKED
     ref = torch.utils.weak.WeakIdRef(conv.weight)
     del conv
     assert ref() is None  # the cache holds no reference to the parameter
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_onednn), "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("onednn", marks=needs_onednn), "reference"])
 def test_autocast_casts_each_parameter_once_and_again_after_a_write(backend, assert_close):
     """Under autocast with no gradient wanted, a parameter's weight (views included) is cast once
-    and the cast reused (and, on "cpp", packed once); a write to the parameter recasts it; with a
+    and the cast reused (and, on "onednn", packed once); a write to the parameter recasts it; with a
     gradient wanted the cast stays differentiable and nothing is cached."""
     conv = torch.nn.Conv3d(24, 40, 1)
     x = torch.randn(2, 3, 33, 24)

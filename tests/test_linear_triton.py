@@ -2,7 +2,6 @@
 forward and backward, against a float64 reference; ahead-of-time compiles of its configs for
 sm_80 and sm_90 (registers, spills) on the CPU. Its custom ops' contract (opcheck, torch.compile,
 y.sum() gradients, determinism) is checked with the other ops' in tests/test_op_contracts.py."""
-import importlib
 import re
 
 import pytest
@@ -16,12 +15,12 @@ from helpers import assert_no_spills, matrix
 
 pytestmark = pytest.mark.triton
 
-linear_mod = importlib.import_module("uniformer_fast.ops.linear")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels():
-    return importlib.import_module("uniformer_fast.kernels.linear")
+    from uniformer_fast.kernels import linear as kernels  # imports triton: only where a test needs it
+    return kernels
 
 
 def _inputs(x_shape, out_features, dtype, device, bias=True):

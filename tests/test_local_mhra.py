@@ -13,7 +13,6 @@ gradients, determinism) is checked with the other ops' in tests/test_op_contract
 The interpreter costs ~0.1 ms per operation per program: the shapes are tiny (the interpreter's
 32-position tile still leaves a partial last tile in most of them).
 """
-import importlib
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import torch
 from uniformer_fast import ops
 from uniformer_fast.kernels import INTERPRET
 from uniformer_fast.ops import BackendUnavailableError
+from uniformer_fast.ops import local_mhra as local_mhra_mod
 
 from helpers import assert_all_close, assert_no_spills, assert_untouched, clones, matrix
 
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.triton
 
 CL = torch.channels_last_3d
 NAMES = ("u", "attn_weight", "attn_bias", "conv2_weight", "conv2_bias", "residual")
-local_mhra_mod = importlib.import_module("uniformer_fast.ops.local_mhra")
 
 
 def _activation(shape, dtype, layout, device):
@@ -252,7 +251,7 @@ def test_cblock_triton_gradients(device, assert_close):
 # --- ahead-of-time compile of every launch config, sm_80 and sm_90 -------------------------------
 
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-K = importlib.import_module("uniformer_fast.kernels.local_mhra")
+from uniformer_fast.kernels import local_mhra as K
 # (dtype, matmul kind): the kinds select the config table; float16 shares bfloat16's configs.
 KINDS = [(torch.bfloat16, "16bit"), (torch.float32, "tf32"), (torch.float32, "ieee")]
 

@@ -1,15 +1,12 @@
-"""ops.mlp (``residual + fc2(gelu(fc1(x)))``): the "cpp" CPU inference path, chunked or not, against
+"""ops.mlp (``residual + fc2(gelu(fc1(x)))``): the "onednn" CPU inference path, chunked or not, against
 a float64 reference; the reference backend's gradients; bad input named."""
-import importlib
 
 import pytest
 import torch
 
 from uniformer_fast import ops
 from uniformer_fast.ops import BackendUnavailableError
-
-mlp_mod = importlib.import_module("uniformer_fast.ops.mlp")
-linear_mod = importlib.import_module("uniformer_fast.ops.linear")
+from uniformer_fast.ops import feed_forward as mlp_mod
 
 from helpers import needs_onednn
 
@@ -30,7 +27,7 @@ def _reference64(x, weights, residual):
 @pytest.mark.parametrize("shape,hidden,out,residual,bias", [
     ((7, 16), 64, 16, True, True), ((2, 3, 5, 4, 24), 96, 24, True, False), ((1, 1, 8), 32, 12, False, True),
     ((3, 300, 32), 128, 32, True, True)])
-def test_cpp_matches_reference(shape, hidden, out, residual, bias, chunked, monkeypatch, assert_close):
+def test_onednn_matches_reference(shape, hidden, out, residual, bias, chunked, monkeypatch, assert_close):
     if chunked:  # chunks of 256 rows (the floor), the last one short
         monkeypatch.setattr(mlp_mod, "CHUNK_ABOVE_BYTES", 0)
         monkeypatch.setattr(mlp_mod, "HIDDEN_CHUNK_BYTES", 1)
@@ -38,14 +35,14 @@ def test_cpp_matches_reference(shape, hidden, out, residual, bias, chunked, monk
     weights = _weights(shape[-1], hidden, out, bias=bias)
     res = torch.randn(*shape[:-1], out) if residual else None
     with torch.no_grad():
-        y = ops.mlp(x, *weights, residual=res, backend="cpp")
+        y = ops.mlp(x, *weights, residual=res, backend="onednn")
     assert y.shape == (*shape[:-1], out) and y.is_contiguous()
     assert_close(y, _reference64(x, weights, res))
 
 
 @needs_onednn
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-def test_cpp_reads_channels_last_views_and_autocast(chunked, monkeypatch, assert_close):
+def test_onednn_reads_channels_last_views_and_autocast(chunked, monkeypatch, assert_close):
     """The model's call: a channels-last (B, T, H, W, C) view and its residual, bfloat16 autocast
     (native oneDNN where the CPU has it, float32 compute otherwise)."""
     if chunked:
@@ -55,9 +52,9 @@ def test_cpp_reads_channels_last_views_and_autocast(chunked, monkeypatch, assert
     x = x5.permute(0, 2, 3, 4, 1)
     weights = _weights(24, 96, 24)
     with torch.no_grad():
-        assert_close(ops.mlp(x, *weights, residual=x, backend="cpp"), _reference64(x, weights, x))
+        assert_close(ops.mlp(x, *weights, residual=x, backend="onednn"), _reference64(x, weights, x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert ops.backend_for(ops.mlp, x, *weights, residual=x) == "cpp"
+            assert ops.backend_for(ops.mlp, x, *weights, residual=x) == "onednn"
             y = ops.mlp(x, *weights, residual=x)
     assert y.dtype == torch.bfloat16
     assert_close(y, _reference64(x.bfloat16(), [t.bfloat16() for t in weights], x.bfloat16()), dtype=torch.bfloat16)
@@ -89,7 +86,7 @@ def test_bad_input_named(args, kwargs, err, match):
 
 
 @needs_onednn
-def test_cpp_refuses_training_by_name():
+def test_onednn_refuses_training_by_name():
     x = torch.randn(3, 8, requires_grad=True)
-    with pytest.raises(BackendUnavailableError, match="backend 'cpp' cannot run this call: inference only"):
-        ops.mlp(x, *_weights(8, 16, 8), backend="cpp")
+    with pytest.raises(BackendUnavailableError, match="backend 'onednn' cannot run this call: inference only"):
+        ops.mlp(x, *_weights(8, 16, 8), backend="onednn")

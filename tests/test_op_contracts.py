@@ -15,7 +15,6 @@ operation per program).
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from uniformer_fast import ops
 from uniformer_fast.kernels import HAS_TRITON, INTERPRET
+from uniformer_fast.ops import dpe_norm, self_attention
 from uniformer_fast.ops.reference import attention_reference
 
 from helpers import (assert_untouched, attention_rtol, clones, make_x, needs_cpp, needs_cpp_attention, needs_onednn,
@@ -32,12 +32,6 @@ from helpers import (assert_untouched, attention_rtol, clones, make_x, needs_cpp
 
 CL = torch.channels_last_3d
 F32, BF16 = torch.float32, torch.bfloat16
-# The modules, not the public functions of the same names that uniformer_fast.ops exports.
-attention_mod = importlib.import_module("uniformer_fast.ops.attention")
-dpe_mod = importlib.import_module("uniformer_fast.ops.dpe")
-dpe_bn_mod = importlib.import_module("uniformer_fast.ops.dpe_bn")
-dwconv_mod = importlib.import_module("uniformer_fast.ops.dwconv3d")
-linear_mod = importlib.import_module("uniformer_fast.ops.linear")
 
 needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="triton interpreter not available")
 
@@ -126,7 +120,7 @@ def _dpe_layernorm_opcheck(with_bias):
         x = torch.randn(1, 5, 2, 3, 3).to(memory_format=CL)
         w, b, lnw, lnb = _dpe_params(5, F32, "cpu", with_bias)
         taps = w.reshape(5, -1).t().contiguous()
-        y, _, mean, rstd = dpe_mod.dpe_layernorm_triton_fwd(x, taps, b, lnw, lnb, 1e-6, [3, 3, 3])
+        y, _, mean, rstd = dpe_norm.dpe_layernorm_triton_fwd(x, taps, b, lnw, lnb, 1e-6, [3, 3, 3])
         gz = torch.randn(1, 5, 2, 3, 3).to(memory_format=CL)
         gy = torch.randn(1, 5, 2, 3, 3).to(memory_format=CL) if with_bias else None
         return [("dpe_layernorm_triton_fwd", (x, taps, b, lnw, lnb, 1e-6, [3, 3, 3])),
@@ -143,7 +137,7 @@ def _dpe_bn_stats_opcheck(with_bias):
         x = torch.randn(1, 5, 2, 3, 3).to(memory_format=CL)
         w, b = _dpe_params(5, F32, "cpu", with_bias, layernorm=False)
         taps = w.reshape(5, -1).t().contiguous()
-        y, mean, _ = dpe_bn_mod.dpe_bn_stats_triton_fwd(x, taps, b, [3, 3, 3])
+        y, mean, _ = dpe_norm.dpe_bn_stats_triton_fwd(x, taps, b, [3, 3, 3])
         gy = torch.randn(1, 5, 2, 3, 3).to(memory_format=CL) if with_bias else None
         return [("dpe_bn_stats_triton_fwd", (x, taps, b, [3, 3, 3])),
                 ("bn_stats_triton_bwd", (y, gy, mean, torch.randn(5), torch.randn(5)))]
@@ -191,7 +185,7 @@ def _attention_opcheck(direction):
         qkv = torch.randn(1, 5, 3 * 2 * 32)
         if direction == "fwd":
             return [("attention_triton_fwd", (qkv, 2, 0.2))]
-        out, lse = attention_mod.attention_triton_fwd(qkv, 2, 0.2)
+        out, lse = self_attention.attention_triton_fwd(qkv, 2, 0.2)
         return [("attention_triton_bwd", (torch.randn(1, 5, 64), qkv, out, lse, 2, 0.2))]
     return build
 
@@ -290,8 +284,8 @@ CASES = {
         opchecks={f"{activation}-{bias_id}": _linear_triton_opcheck(activation, bias)
                   for activation in ("none", "gelu") for bias, bias_id in ((True, "bias"), (False, "no_bias"))},
         marks=(needs_triton,), opcheck_marks=(needs_interpreter,)),
-    "linear-cpp": Case(
-        _linear_inputs, lambda x, w, b: ops.linear(x, w, b, activation="gelu", backend="cpp"),
+    "linear-onednn": Case(
+        _linear_inputs, lambda x, w, b: ops.linear(x, w, b, activation="gelu", backend="onednn"),
         _linear_reference, grad_size=((5, 7, 16), 8), compile_size=((2, 5, 16), 8),
         deterministic=((((5, 7, 16), 8), F32),),
         opchecks={"gelu": _linear_onednn_opcheck("gelu"), "none": _linear_onednn_opcheck("none")},

@@ -40,12 +40,12 @@ CASES = [
     OpCase("dwconv3d", ops.dwconv3d, dict(x=X5, weight=(C, 1, 3, 3, 3), bias=(C,)), dict(residual=True),
            backends=("reference", "cpp", "triton")),
     OpCase("linear", ops.linear, dict(x=(3, 5, 16), weight=(8, 16), bias=(8,)), dict(activation="gelu"),
-           backends=("reference", "cpp", "triton"), no_grad_backends=("cpp",)),
+           backends=("reference", "onednn", "triton"), no_grad_backends=("onednn",)),
     OpCase("mlp", lambda x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, backend: ops.mlp(
                x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=residual, backend=backend),
            dict(x=(3, 5, 16), fc1_weight=(32, 16), fc1_bias=(32,), fc2_weight=(16, 32), fc2_bias=(16,),
                 residual=(3, 5, 16)),
-           backends=("reference", "cpp"), no_grad_backends=("cpp",)),
+           backends=("reference", "onednn"), no_grad_backends=("onednn",)),
     # head_dim 32: one the Triton kernels support.
     OpCase("attention", ops.attention, dict(qkv=(2, 5, 3 * 2 * 32)), dict(num_heads=2),
            backends=("reference", "sdpa", "cpp", "triton"), no_grad_backends=("cpp",)),

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import uniformer_fast as uf
-from uniformer_fast.train import SyntheticClips, main as train_main, param_groups, warmup_cosine
+from uniformer_fast.apps.train import SyntheticClips, main as train_main, param_groups, warmup_cosine
 
 import helpers
 from helpers import free_port

@@ -1,4 +1,4 @@
-"""uniformer_fast.video against the official UniFormer test rules.
+"""uniformer_fast.data.video against the official UniFormer test rules.
 
 The rules of Sense-X/UniFormer ``video_classification/slowfast/datasets`` (decoder.py, kinetics.py,
 sth.py, utils.py, transform.py) are restated below as plain reference functions (``ref_*``), written
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 av = pytest.importorskip("av")
 
 from helpers import frame_ids, id_frame, matrix, write_id_video  # noqa: E402
-from uniformer_fast.video import (  # noqa: E402
-    VideoDecodeError, VideoReader, crop_positions, dense_indices, load_clip, load_views, read_frames,
+from uniformer_fast.data.training import load_clip  # noqa: E402
+from uniformer_fast.data.video import (  # noqa: E402
+    VideoDecodeError, VideoReader, crop_positions, dense_indices, load_views, read_frames,
     resize_short_side, segment_indices, to_views, uniform_crop, view_indices, window_indices)
 
 PROTOCOLS = ("kinetics", "sth")

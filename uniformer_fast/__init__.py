@@ -1,8 +1,9 @@
 """uniformer_fast: the UniFormer video model with fused kernels, state-dict compatible with the
 official Sense-X/UniFormer checkpoints."""
 from . import ops
+from .apps.evaluate import evaluate
+from .apps.extract import extract
 from .checkpoint import load_checkpoint
-from .evaluation import evaluate, extract
 from .export import export_onnx
 from .model import UniFormer, create_model, list_models, uniformer_base, uniformer_small
 

@@ -24,7 +24,7 @@ _DATASET_CLASSES = {"k400": 400, "k600": 600, "sthv1": 174, "sthv2": 174, "ssv1"
 _PRETRAINED_NAME = re.compile(r"^(uniformer_(?:small|base))_([a-z0-9]+)_(\d+x\d+)$")
 
 
-def _read_file(path: str):
+def read_checkpoint_file(path: str):
     """What the file holds (any object ``torch.load(weights_only=True)`` allows); every error names it."""
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory, not a checkpoint file")
@@ -74,7 +74,7 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> dict[str, torch
     where = ""  # "<path> is " before each error about a file's content
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        sd, where = _read_file(path), f"{path!r} is "
+        sd, where = read_checkpoint_file(path), f"{path!r} is "
         if not isinstance(sd, Mapping):
             raise ValueError(f"{path!r} holds a {type(sd).__name__}, not a state dict (a mapping of parameter "
                              f"names to tensors)")

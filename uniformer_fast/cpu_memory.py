@@ -8,11 +8,18 @@ faults per UniFormer-S 1x8x224 forward (12 ms of kernel time on two threads, 6-7
 forward on a Zen 5, 3% of bf16). Fixing the thresholds (which also stops glibc adjusting them)
 keeps those pages: the faults go to zero and the process keeps its peak heap resident, as an
 inference engine's memory pool does.
+
+:func:`heap_in_use` reads what the heap holds (``mallinfo2``), as the ``bench`` command's CPU peak
+memory does.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
+from typing import Optional
+
+__all__ = ["keep_freed_memory", "heap_in_use"]
 
 # mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -30,13 +37,50 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
     _applied = ok
     return ok
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc >= 2.33): every field a ``size_t``."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+
+
+def heap_in_use() -> Optional[int]:
+    """Bytes malloc has handed out and not taken back: the heap's chunks in use plus the blocks
+    served by ``mmap`` (glibc's ``mallinfo2``), or None where unknown (another C library, or a
+    glibc before 2.33). Cheap enough to sample every millisecond."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc():
+    """The C library when it is glibc (on Linux), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _mallinfo2():
+    """glibc's ``mallinfo2`` returning a :class:`_MallInfo2`, or None where there is none."""
+    libc = _glibc()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None  # glibc < 2.33: none
+    if mallinfo2 is not None:
+        mallinfo2.restype = _MallInfo2
+    return mallinfo2

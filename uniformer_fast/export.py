@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 import os
 import warnings
 from typing import Union
@@ -23,6 +22,7 @@ from typing import Union
 import torch
 
 from . import ops
+from .ops.checks import is_int
 from .files import atomic_write
 from .model import MIN_SPATIAL, UniFormer
 
@@ -38,10 +38,6 @@ INPUT_NAME = "video"
 OUTPUT_NAME = "logits"
 
 _INSTALL_HINT = 'pip install "uniformer_fast[export]" (or: pip install onnx onnxscript)'
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_path(path) -> str:
@@ -134,13 +130,13 @@ def export_onnx(model: UniFormer, path: Union[str, os.PathLike], frames: int = 1
     """
     _check_model(model)
     path = _check_path(path)
-    if not _is_int(frames) or frames < 1:
+    if not is_int(frames) or frames < 1:
         raise ValueError(f"frames must be a positive int (the clip's frame count T); got {frames!r}")
-    if not _is_int(size) or size < MIN_SPATIAL:
+    if not is_int(size) or size < MIN_SPATIAL:
         raise ValueError(f"size must be an int >= {MIN_SPATIAL} (the clip's height and width); got {size!r}")
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"dynamic_batch must be True or False; got {dynamic_batch!r}")
-    if not _is_int(opset) or not MIN_OPSET <= opset <= MAX_OPSET:
+    if not is_int(opset) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}; got {opset!r}")
     _require_exporter()
 

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import ops
+from .ops import cpu_inference
+from .ops.checks import is_int
 
-__all__ = ["UniFormer", "CBlock", "SABlock", "SplitSABlock", "create_model", "list_models",
+__all__ = ["UniFormer", "CBlock", "SABlock", "SplitSABlock", "create_model", "list_models", "model_config",
            "uniformer_small", "uniformer_base"]
 
 # Each downsampling halves H and W after the stem's /4: H and W must be at least 4 * 2**3.
@@ -60,13 +62,6 @@ class DropPath(nn.Module):
 
     def extra_repr(self):
         return f"p={self.p}"
-
-
-def _cpu_inference(x: torch.Tensor) -> bool:
-    """Whether this call is CPU inference on the fast matmul path (``ops.linear`` on "auto" or
-    "cpp", no autograd): the model then takes the inference-only paths (patch embeddings on oneDNN,
-    the chunked MLP with its residual)."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and ops.get_backend("linear") in ("auto", "cpp")
 
 
 def _pointwise(conv: nn.Conv3d, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
@@ -201,7 +196,7 @@ class CBlock(nn.Module):
         x, stats = _op_then_bn(self.norm2, ops.local_mhra_tail, ops.local_mhra_tail_bn_stats, u, self.attn.weight,
                                self.attn.bias, self.conv2.weight, self.conv2.bias, x, branch_scale=scale)
         # MLP: x = x + DropPath(fc2(GELU(fc1(norm2(x))))).
-        if stats is None and not self.training and _cpu_inference(x):
+        if stats is None and not self.training and cpu_inference.fast_path(x):
             mlp = self.mlp
             y = ops.mlp(self.norm2(x).permute(0, 2, 3, 4, 1), mlp.fc1.weight.flatten(1), mlp.fc1.bias,
                         mlp.fc2.weight.flatten(1), mlp.fc2.bias, residual=x.permute(0, 2, 3, 4, 1))
@@ -231,7 +226,7 @@ class SABlock(nn.Module):
         B, C, T, H, W = x.shape
         t = x.flatten(2).transpose(1, 2)  # (B, N, C): a view when x is channels-last
         t = t + self.drop_path(self.attn(z.flatten(2).transpose(1, 2)))
-        if not self.training and _cpu_inference(t):
+        if not self.training and cpu_inference.fast_path(t):
             mlp = self.mlp
             t = ops.mlp(self.norm2(t), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, residual=t)
         else:
@@ -239,8 +234,9 @@ class SABlock(nn.Module):
         return t.transpose(1, 2).reshape(B, C, T, H, W)
 
 
-class SplitSABlock(nn.Module):
-    """Divided attention: temporal (over T per position), then spatial (over H*W per frame).
+class SplitSABlock(SABlock):
+    """Divided attention: temporal (over T per position), then spatial (over H*W per frame); the
+    SABlock's parts plus the temporal step's norm and attention.
 
     As in the official model, the spatial step's residual is the DPE output, not the temporal
     step's output; the temporal branch reaches the stream only through the spatial attention.
@@ -249,15 +245,9 @@ class SplitSABlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, attention_fp32: bool = False):
-        super().__init__()
-        self.pos_embed = _depthwise(dim, 3)
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path, attention_fp32)
         self.t_norm = nn.LayerNorm(dim, eps=1e-6)
         self.t_attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, attention_fp32)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, attention_fp32)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x):
         x = _dpe_op(x, self.pos_embed.weight, self.pos_embed.bias)
@@ -302,7 +292,7 @@ def _patch_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class PatchEmbed(nn.Module):
     """Strided Conv3d then LayerNorm over channels; the output is channels-last in memory.
 
-    In CPU inference (no autograd, ``ops.linear`` on "auto" or "cpp") the convolution runs on
+    In CPU inference (no autograd, ``ops.linear`` on "auto" or "onednn") the convolution runs on
     oneDNN. The stem, whose input is the channels-first clip, runs as ATen's convolution on a
     channels-last copy of it where oneDNN has the dtype (float32, and bfloat16 on CPUs with its
     instructions; 1.6 against 4.3 ms as gather + matmul at 1x16x224, 2 threads): its 4x4 kernel
@@ -320,8 +310,8 @@ class PatchEmbed(nn.Module):
         proj = self.proj
         # Inference only: training keeps ATen's convolution, whose backward inductor compiles
         # soundly (the gathered patches' unfold backward aborted in inductor's 2-thread CPU code).
-        if _cpu_inference(x):
-            if not _channels_inner(x) and _onednn_convolution(x):
+        if cpu_inference.fast_path(x):
+            if not _channels_inner(x) and cpu_inference.onednn_convolution(x):
                 x = proj(x.contiguous(memory_format=torch.channels_last_3d)).permute(0, 2, 3, 4, 1)
             else:
                 rows = _patches(x, proj.kernel_size, proj.stride, proj.padding)
@@ -329,27 +319,6 @@ class PatchEmbed(nn.Module):
         else:
             x = proj(x).permute(0, 2, 3, 4, 1)
         return self.norm(x).permute(0, 4, 1, 2, 3)
-
-
-def _onednn_conv_dtypes() -> tuple:
-    if not torch.backends.mkldnn.is_available():
-        return ()
-    try:
-        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        bf16 = False
-    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
-
-
-# Known at import: torch.compile cannot trace the queries.
-_ONEDNN_CONV_DTYPES = _onednn_conv_dtypes()
-
-
-def _onednn_convolution(x: torch.Tensor) -> bool:
-    """Whether ATen runs a CPU convolution of x (under any autocast) on oneDNN: float32, or bfloat16
-    where the CPU has bf16 instructions."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return dtype in _ONEDNN_CONV_DTYPES
 
 
 def _fold_bn_into_pointwise(bn: nn.BatchNorm3d, conv: nn.Conv3d) -> None:
@@ -360,13 +329,8 @@ def _fold_bn_into_pointwise(bn: nn.BatchNorm3d, conv: nn.Conv3d) -> None:
     conv.bias = nn.Parameter(b.to(conv.weight.dtype))
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _is_int_seq(v, n):
-    return (isinstance(v, Sequence) and len(v) == n
-            and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v))
+    return isinstance(v, Sequence) and len(v) == n and all(is_int(i) for i in v)
 
 
 class UniFormer(nn.Module):
@@ -389,15 +353,15 @@ class UniFormer(nn.Module):
             raise ValueError(f"depth must be 4 positive ints (blocks per stage); got {depth!r}")
         if not _is_int_seq(embed_dim, 4) or min(embed_dim) < 1:
             raise ValueError(f"embed_dim must be 4 positive ints (channels per stage); got {embed_dim!r}")
-        if not _is_int(head_dim) or head_dim < 1 or any(d % head_dim for d in embed_dim):
+        if not is_int(head_dim) or head_dim < 1 or any(d % head_dim for d in embed_dim):
             raise ValueError(f"head_dim must be a positive int dividing every embed_dim {tuple(embed_dim)}; "
                              f"got {head_dim!r}")
         if not _is_int_seq(checkpoint_num, 4) or any(not 0 <= n <= d for n, d in zip(checkpoint_num, depth)):
             raise ValueError(f"checkpoint_num must be 4 ints with 0 <= checkpoint_num[i] <= depth[i] = "
                              f"{tuple(depth)}; got {checkpoint_num!r}")
-        if not _is_int(num_classes) or num_classes < 0:
+        if not is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: no head); got {num_classes!r}")
-        if not _is_int(in_chans) or in_chans < 1:
+        if not is_int(in_chans) or in_chans < 1:
             raise ValueError(f"in_chans must be a positive int (input channels); got {in_chans!r}")
         if (isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real)
                 or not math.isfinite(mlp_ratio) or int(min(embed_dim) * mlp_ratio) < 1):
@@ -524,7 +488,7 @@ class UniFormer(nn.Module):
         form = "a non-empty sequence of distinct stage indices in 0..3 (or -4..-1), e.g. (0, 1, 2, 3)"
         if not isinstance(stages, Sequence) or isinstance(stages, (str, bytes)):
             raise TypeError(f"stages must be {form}; got {type(stages).__name__} {stages!r}")
-        if not all(_is_int(i) for i in stages):
+        if not all(is_int(i) for i in stages):
             raise TypeError(f"stages must be {form}; got {stages!r}")
         if not stages or not all(-4 <= i <= 3 for i in stages):
             raise ValueError(f"stages must be {form}; got {stages!r}")
@@ -534,14 +498,8 @@ class UniFormer(nn.Module):
         return mapped
 
     def _run_stages(self, x: torch.Tensor, stages: tuple, norm: bool) -> list[torch.Tensor]:
-        """:meth:`_features` under the model's CPU autocast policy (see forward_features)."""
-        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") not in ops.cpu_native_dtypes()):
-            dtype = torch.get_autocast_dtype("cpu")
-            with torch.autocast("cpu", enabled=False):
-                ys = self._features(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x, stages, norm)
-            return [y.to(dtype) if y.dtype == torch.float32 else y for y in ys]
-        return self._features(x, stages, norm)
+        """:meth:`_features` under the CPU autocast policy (see forward_features)."""
+        return cpu_inference.in_native_precision(self._features, x, stages, norm)
 
     def _features(self, x: torch.Tensor, stages: tuple, norm: bool) -> list[torch.Tensor]:
         """The one loop over the stages: the outputs of ``stages`` (distinct ints in 0..3), in that
@@ -619,7 +577,7 @@ class UniFormer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one for ``num_classes`` (0: no head)."""
-        if not _is_int(num_classes) or num_classes < 0:
+        if not is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0; got {num_classes!r}")
         ref = self.norm.weight
         self.num_classes = num_classes
@@ -648,6 +606,14 @@ def list_models() -> list[str]:
     return sorted(_CONFIGS)
 
 
+def model_config(name: str) -> dict:
+    """The constructor arguments of a named variant (a copy): what :func:`create_model` builds
+    before its overrides, and what the official implementation takes for the same variant."""
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    return dict(_CONFIGS[name])
+
+
 def create_model(name: str, *, pretrained: Optional[str] = None, **overrides) -> UniFormer:
     """Build a named variant; ``overrides`` replace any :class:`UniFormer` argument.
 
@@ -655,9 +621,7 @@ def create_model(name: str, *, pretrained: Optional[str] = None, **overrides) ->
     ``"uniformer_small_k400_16x8"`` (fetched from the Hugging Face Hub when ``huggingface_hub`` is
     installed and the network is reachable). A name's dataset sets ``num_classes`` unless given.
     """
-    if name not in _CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
-    kwargs = {**_CONFIGS[name], **overrides}
+    kwargs = {**model_config(name), **overrides}
     path = None
     if pretrained is not None:
         from .checkpoint import resolve_pretrained

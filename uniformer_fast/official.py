@@ -93,17 +93,11 @@ class _SABlock(nn.Module):
         return x.transpose(1, 2).reshape(B, C, T, H, W)
 
 
-class _SplitSABlock(nn.Module):
+class _SplitSABlock(_SABlock):
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path):
-        super().__init__()
-        self.pos_embed = nn.Conv3d(dim, dim, 3, 1, 1, groups=dim)
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path)
         self.t_norm = nn.LayerNorm(dim, eps=1e-6)
         self.t_attn = _Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
-        self.drop_path = _DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio), drop, conv=False)
 
     def forward(self, x):
         x = x + self.pos_embed(x)

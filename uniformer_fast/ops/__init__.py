@@ -3,16 +3,15 @@
 Backends are chosen in :mod:`uniformer_fast.ops.backend`; ``"reference"`` (plain PyTorch) is the
 ground truth for all others.
 """
-from .attention import attention
+from .self_attention import attention
 from .backend import (BACKENDS, BackendUnavailableError, available_backends, backend_for, get_backend,
                       set_backend, use_backend)
-from .dpe import dpe_layernorm
+from .dpe_norm import dpe_bn_stats, dpe_layernorm
 from .batchnorm import batch_stats, fold_into_pointwise, update_running_stats
-from .dpe_bn import dpe_bn_stats
-from .dwconv3d import dwconv3d
-from .linear import cpu_native_dtypes, linear
+from .depthwise_conv import dwconv3d
+from .fully_connected import cpu_native_dtypes, linear
 from .local_mhra import local_mhra_tail, local_mhra_tail_bn_stats
-from .mlp import mlp
+from .feed_forward import mlp
 from .reference import (attention_reference, dpe_layernorm_reference, dwconv3d_reference,
                         linear_reference, mlp_reference)
 from .reference import local_mhra_tail_reference

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "cpp", "sdpa")
+BACKENDS = ("auto", "reference", "triton", "cpp", "onednn", "sdpa")
 
 
 class BackendUnavailableError(RuntimeError):

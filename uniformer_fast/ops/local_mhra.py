@@ -23,12 +23,12 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
-from ..kernels._tiles import why_not_inputs
-from ._validate import check_like, check_optional_vector, check_tensor
+from ..kernels.tiles import why_not_inputs
+from .checks import check_like, check_optional_vector, check_tensor
 from .batchnorm import add_stats_grad, batch_stats
-from .dwconv3d import (MAX_KERNEL, _channels_last, _empty_channels_last, _weight_taps, dwconv3d,
-                       dwconv3d_triton_bwd_dw, dwconv3d_triton_fwd)
-from .linear import linear
+from .depthwise_conv import MAX_KERNEL, dwconv3d, dwconv3d_triton_backward, dwconv3d_triton_fwd
+from .fully_connected import linear
+from .layout import channels_last, empty_channels_last, token_rows, weight_taps
 
 CL = torch.channels_last_3d
 
@@ -170,7 +170,7 @@ def local_mhra_tail_triton_fwd(u: torch.Tensor, attn_taps: torch.Tensor, attn_bi
 
 @local_mhra_tail_triton_fwd.register_fake
 def _(u, attn_taps, attn_bias, conv2_wt, conv2_bias, branch_scale, residual, kernel_size):
-    return _empty_channels_last(u)
+    return empty_channels_last(u)
 
 
 @torch.library.custom_op("uniformer_fast::local_mhra_tail_bn_stats_triton_fwd", mutates_args=())
@@ -188,12 +188,7 @@ def local_mhra_tail_bn_stats_triton_fwd(
 @local_mhra_tail_bn_stats_triton_fwd.register_fake
 def _(u, attn_taps, attn_bias, conv2_wt, conv2_bias, branch_scale, residual, kernel_size):
     C = u.shape[1]
-    return _empty_channels_last(u), u.new_empty(C, dtype=torch.float32), u.new_empty(C, dtype=torch.float32)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) dense channels_last_3d -> its (B*T*H*W, C) view."""
-    return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
+    return empty_channels_last(u), u.new_empty(C, dtype=torch.float32), u.new_empty(C, dtype=torch.float32)
 
 
 def _tail_triton_backward(u, attn_weight, attn_bias, conv2_weight, branch_scale, grad_y, needs_input_grad,
@@ -211,13 +206,13 @@ def _tail_triton_backward(u, attn_weight, attn_bias, conv2_weight, branch_scale,
     # the stride-0 gradient of y.sum().backward() real).
     gy = grad_y.contiguous(memory_format=CL)
     B, C, T, H, W = gy.shape
-    dy = _flat(gy)
+    dy = token_rows(gy)
     s = None if branch_scale is None else branch_scale.to(torch.float32)
     kernel = list(attn_weight.shape[2:])
     grad_u = grad_aw = grad_ab = grad_w2 = grad_b2 = grad_r = None
     if need_w2:  # dW2 = dy^T a, with a recomputed as the forward had it (rounded to u's dtype)
         ab = None if attn_bias is None else attn_bias.detach()
-        a = _flat(dwconv3d_triton_fwd(u, _weight_taps(attn_weight), ab, False, kernel))
+        a = token_rows(dwconv3d_triton_fwd(u, weight_taps(attn_weight), ab, False, kernel))
         if s is None:
             grad_w2 = dy.t() @ a
         else:  # float32 sum over the samples, as the 2-D matmul accumulates
@@ -238,14 +233,8 @@ def _tail_triton_backward(u, attn_weight, attn_bias, conv2_weight, branch_scale,
         else:
             d_a = dy.view(B, -1, C) @ (s.view(B, 1, 1).to(w2.dtype) * w2)
         d_a = d_a.view(B, T, H, W, C).permute(0, 4, 1, 2, 3)
-        if need_u:  # du = conv(d_a, point-reflected kernel)
-            grad_u = dwconv3d_triton_fwd(d_a, _weight_taps(attn_weight, flip=True), None, False, kernel)
-        if need_aw or need_ab:
-            dw_taps, db = dwconv3d_triton_bwd_dw(u, d_a, kernel)
-            if need_aw:
-                grad_aw = dw_taps.t().reshape(attn_weight.shape).to(attn_weight.dtype)
-            if need_ab:
-                grad_ab = db.to(attn_weight.dtype)
+        # The depthwise convolution's gradients from d_a: dwconv3d's own backward (no residual).
+        grad_u, grad_aw, grad_ab = dwconv3d_triton_backward(u, d_a, attn_weight, False, need_u, need_aw, need_ab)
     if need_r and has_residual:
         grad_r = grad_y
     return grad_u, grad_aw, grad_ab, grad_w2, grad_b2, grad_r
@@ -260,13 +249,13 @@ class _LocalMHRATailTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stats, u, attn_weight, attn_bias, conv2_weight, conv2_bias, residual, branch_scale):
-        u = _channels_last(u)
+        u = channels_last(u)
         ab = None if attn_bias is None else attn_bias.detach()
         b2 = None if conv2_bias is None else conv2_bias.detach()
-        r = None if residual is None else _channels_last(residual)
+        r = None if residual is None else channels_last(residual)
         w2t = conv2_weight.detach().flatten(1).t().contiguous()
         fwd = local_mhra_tail_bn_stats_triton_fwd if stats else local_mhra_tail_triton_fwd
-        out = fwd(u, _weight_taps(attn_weight), ab, w2t, b2, branch_scale, r, list(attn_weight.shape[2:]))
+        out = fwd(u, weight_taps(attn_weight), ab, w2t, b2, branch_scale, r, list(attn_weight.shape[2:]))
         # With stats, y is the op's output (kept alive by its consumers anyway): saving it costs no memory.
         ctx.save_for_backward(u, attn_weight, attn_bias, conv2_weight, branch_scale,
                               *((out[0], out[1]) if stats else ()))

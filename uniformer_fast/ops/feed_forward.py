@@ -1,7 +1,7 @@
 """The transformer MLP with its residual, ``residual + fc2(gelu(fc1(x)))``: validation and dispatch.
 
 Backends: ``"reference"`` (``F.linear``, ``F.gelu``, ``F.linear``, add; differentiable) and
-``"cpp"``, CPU inference on oneDNN (``ops.linear``'s "cpp" path, GELU in fc1's epilogue, or right
+``"onednn"``, CPU inference on oneDNN (``ops.linear``'s "onednn" path, GELU in fc1's epilogue, or right
 after it below AVX-512): where the hidden activation would be large (stage 1 at 4 x 8 x 224: 50176 x
 256 floats, 51 MB) the rows go through in chunks whose hidden part stays in cache, and each chunk's
 fc2 output gets the residual added straight into the result. Allocations that size are fresh mmaps
@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
-from ._validate import check_like, check_optional_vector, check_tensor
-from .linear import _cast_once, _cpp_why_not as _linear_cpp_why_not, linear_onednn
+from .checks import check_like, check_optional_vector, check_tensor
+from .fully_connected import cast_once, linear_onednn, onednn_why_not
 from .reference import mlp_reference
 
 
@@ -55,7 +55,7 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
         fc1_weight: (hidden, in_features); fc1_bias: (hidden,) or None.
         fc2_weight: (out_features, hidden); fc2_bias: (out_features,) or None.
         residual: (..., out_features) or None (no residual).
-        backend: ``"reference"``, ``"cpp"`` or ``"auto"``; ``None`` takes the one in force.
+        backend: ``"reference"``, ``"onednn"`` or ``"auto"``; ``None`` takes the one in force.
 
     Returns:
         (..., out_features), contiguous. Under autocast, in the autocast dtype.
@@ -66,7 +66,7 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
 def _prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None):
     if isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (_cast_once(t, dtype) for t in
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (cast_once(t, dtype) for t in
                                                       (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual = _backend.autocast_inputs(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
@@ -74,7 +74,7 @@ def _prepare(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None):
     return x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual
 
 
-_backend.define_op("mlp", auto={"cpu": ("cpp", "reference"), "cuda": ("reference",)}, prepare=_prepare)
+_backend.define_op("mlp", auto={"cpu": ("onednn", "reference"), "cuda": ("reference",)}, prepare=_prepare)
 _backend.register("mlp", "reference")(mlp_reference)
 
 
@@ -86,17 +86,17 @@ CHUNK_ABOVE_BYTES = 16 << 20
 HIDDEN_CHUNK_BYTES = 4 << 20
 
 
-def _cpp_why_not(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
-    reason = (_linear_cpp_why_not(x, fc1_weight, fc1_bias, "gelu")
-              or _linear_cpp_why_not(x, fc2_weight, fc2_bias, None))
+def _onednn_why_not(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
+    reason = (onednn_why_not(x, fc1_weight, fc1_bias, "gelu")
+              or onednn_why_not(x, fc2_weight, fc2_bias, None))
     if reason is None and residual is not None and torch.is_grad_enabled() and residual.requires_grad:
         reason = "inference only (oneDNN's fused linear has no backward); run under torch.no_grad()"
     return reason
 
 
-@_backend.register("mlp", "cpp", why_not=_cpp_why_not)
-def mlp_cpp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None):
-    """The "cpp" backend: x (..., K) any strides, float32/bfloat16/float16 (as ops.linear's "cpp");
+@_backend.register("mlp", "onednn", why_not=_onednn_why_not)
+def mlp_onednn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None):
+    """The "onednn" backend: x (..., K) any strides, float32/bfloat16/float16 (as ops.linear's "onednn");
     returns (..., N) contiguous in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
     M, hidden, N = rows.shape[0], fc1_weight.shape[0], fc2_weight.shape[0]

@@ -12,26 +12,24 @@ Errors (bad arguments, a missing file, an undecodable video) print one line and 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
 import math
 import os
-import statistics
 import sys
-import threading
 import time
-import contextlib
-from contextlib import nullcontext
 
 import torch
 
-from . import ops
-from .checkpoint import load_checkpoint, read_state_dict
-from .export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
-from .model import create_model, list_models
+from ..checkpoint import load_checkpoint, read_state_dict
+from ..data.lists import find_videos, read_class_names, read_video_list
+from ..data.video import load_clip
+from ..export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
+from ..model import create_model, list_models
+from .bench import DTYPES, ROWS, bench, format_bytes
+from .evaluate import evaluate
+from .extract import extract
+from .inference import PRECISIONS, default_workers
 
 PROG = "uniformer-fast"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CLIError(Exception):
@@ -116,6 +114,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _device(name: str) -> torch.device:
+    """``--device``: ``"auto"`` is CUDA where available, else the CPU; a CLIError for ``"cuda"``
+    where there is none."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -123,235 +123,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-        "keepcost")]
-
-
-def _heap_in_use():
-    """Bytes malloc has handed out and not taken back (glibc), or None where unknown."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return None
-    return lambda: (lambda m: m.uordblks + m.hblkhd)(libc.mallinfo2())
-
-
-class _PeakMemory:
-    """Peak memory over a block, above what was in use at its start: the CUDA allocator's
-    high-water mark, or on the CPU the malloc heap in use sampled every millisecond (glibc)."""
-
-    def __init__(self, device):
-        self.device, self.peak = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        self._read = _heap_in_use()
-        if self._read is not None:
-            self._base = self._top = self._read()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.001):
-            self._top = max(self._top, self._read())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self._read is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._top, self._read()) - self._base
-
-
-def _fmt_bytes(n):
-    if n is None:
-        return "-"
-    return f"{n / 2**20:,.0f} MiB"
-
-
 def _bench(args):
-    from .official import OfficialUniFormer
-    from .model import _CONFIGS
-
-    device = _device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    iters = args.iters if args.iters is not None else (20 if device.type == "cuda" else 3)
-    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
-    torch.manual_seed(0)
-    model = create_model(args.model).to(device=device, dtype=dtype).eval()
-    clip = torch.randn(args.batch, 3, args.frames, args.size, args.size, device=device, dtype=dtype)
-
-    rows = []  # (label, callable)
-    for name in args.backends:
-        if name == "official":
-            official = OfficialUniFormer(**_CONFIGS[args.model]).to(device=device, dtype=dtype).eval()
-            official.load_state_dict(model.state_dict())
-            rows.append(("official", official, nullcontext))
-        elif name == "compile":
-            compiled = torch.compile(model)
-            rows.append(("compile (reference)", compiled, lambda: ops.use_backend("reference")))
-        elif name in ("reference", "auto"):
-            rows.append((f"{name} ({_picks(name, device, dtype)})", model, lambda n=name: ops.use_backend(n)))
-        else:  # a fused backend for the ops that have one; the others stay on "auto", as labelled
-            has = [op for op in OPS if name in ops.available_backends(op)]
-            if not has:
-                rows.append((name, None, f"no op has a {name!r} backend in this build"))
-                continue
-            rows.append((f"{name} ({_picks(name, device, dtype, has)})", model,
-                         lambda has=tuple(has), n=name: _scoped(n, has)))
-
-    print(f"{args.model}, random weights, clip {args.batch}x3x{args.frames}x{args.size}x{args.size}, "
-          f"{str(dtype).replace('torch.', '')}, on {_device_name(device)}; median of {iters} after {warmup} warm-up",
-          file=sys.stderr)
-    results, outputs = [], {}
-    bar = _progress(total=len(rows) * (iters + warmup))
-    try:
-        for label, fn, ctx in rows:
-            times, done = [], 0
-            if fn is None:  # ctx holds the reason
-                results.append((label, None, None, ctx))
-                bar.update(iters + warmup)
-                continue
-            try:
-                with torch.no_grad(), ctx(), _PeakMemory(device) as mem:
-                    for done in range(1, warmup + iters + 1):
-                        t0 = time.perf_counter()
-                        out = fn(clip)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        if done > warmup:
-                            times.append(time.perf_counter() - t0)
-                        bar.update(1)
-                outputs[label] = out.float()
-                median = statistics.median(times)
-                results.append((label, median, mem.peak, None))
-            except ops.BackendUnavailableError as e:
-                bar.update(iters + warmup - max(done - 1, 0))
-                results.append((label, None, None, str(e)))
-    finally:
-        bar.close()
-    ref = next((out for label, out in outputs.items() if label.startswith("reference")), None)
-    width = max(len(r[0]) for r in results) + 1
-    print(f"{'backend':<{width}} {'latency':>10} {'clips/s':>9} {'peak mem':>10} {'max |diff| vs reference':>25}")
-    for label, median, peak, error in results:
-        if error is not None:
-            print(f"{label:<{width}} skipped: {error}")
-            continue
-        diff = "-" if ref is None else f"{(outputs[label] - ref).abs().max().item():.2e}"
-        print(f"{label:<{width}} {median * 1e3:>8.1f} ms {args.batch / median:>9.2f} {_fmt_bytes(peak):>10} {diff:>25}")
+    bench(args.model, _device(args.device), frames=args.frames, size=args.size, batch=args.batch,
+          dtype=args.dtype, iters=args.iters, warmup=args.warmup, backends=args.backends)
     return 0
 
 
-OPS = ("dwconv3d", "attention")
-
-
-@contextlib.contextmanager
-def _scoped(name, op_names):
-    with contextlib.ExitStack() as stack:
-        for op in op_names:
-            stack.enter_context(ops.use_backend(name, op=op))
-        yield
-
-
-def _picks(name, device, dtype, op_names=OPS):
-    """"dwconv3d: cpp, attention: sdpa": what each op runs in a row (or why it cannot)."""
-    out = []
-    for op in OPS:
-        try:
-            out.append(f"{op}: {_pick(op, name if op in op_names else 'auto', device, dtype)}")
-        except ops.BackendUnavailableError:
-            out.append(f"{op}: {name} unavailable")
-    return ", ".join(out)
-
-
-def _pick(op, name, device, dtype):
-    """The backend ``name`` resolves to for this op on the benchmark's tensors."""
-    from .ops import backend as registry
-    if op == "dwconv3d":
-        x = torch.empty(1, 4, 2, 2, 2, device=device, dtype=dtype)
-        args = (x, torch.empty(4, 1, 3, 3, 3, device=device, dtype=dtype), None, True)
-    else:
-        args = (torch.empty(1, 2, 3 * 64, device=device, dtype=dtype), 1, 0.125, 0.0)
-    return registry.resolve(op, name, device, *args)[0]
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
-def _progress(total):
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc="bench", unit="it", file=sys.stderr, leave=False)
-    except ImportError:
-        return _PlainProgress(total)
-
-
-class _PlainProgress:
-    def __init__(self, total):
-        self.total, self.n = total, 0
-
-    def update(self, k):
-        self.n += k
-        print(f"\rbench {self.n}/{self.total}", end="", file=sys.stderr, flush=True)
-
-    def close(self):
-        print(file=sys.stderr)
-
-
-def _read_labels(path):
-    """Class names from a text file (one per line) or a JSON list / {name: index} map; every error
-    names the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"labels file not found: {path!r}")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CLIError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
-    if path.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
-        if isinstance(data, dict):  # {"class name": index}, the Kinetics label-map form
-            labels = [None] * len(data)
-            for name, idx in data.items():
-                if type(idx) is not int or not 0 <= idx < len(data) or labels[idx] is not None:  # not bool
-                    raise CLIError(f"{path}: a JSON label map must map each class name to a distinct index "
-                                   f"0..{len(data) - 1}")
-                labels[idx] = name
-        elif isinstance(data, list) and all(isinstance(n, str) for n in data):
-            labels = data
-        else:
-            raise CLIError(f"{path}: expected a JSON list of class names or a {{name: index}} map")
-        if not labels:
-            raise CLIError(f"{path}: no class names (an empty JSON {type(data).__name__})")
-        return labels
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if not labels:
-        raise CLIError(f"{path}: no class names (expected one per line)")
-    return labels
-
-
 def _classify(args):
-    from .video import load_clip
-
-    labels = _read_labels(args.labels)
+    labels = read_class_names(args.labels)
     sd = read_state_dict(args.weights)
     head = sd.get("head.weight")
     if head is not None and head.shape[0] != len(labels):
@@ -384,16 +163,13 @@ def _load_model(args, num_classes=None):
 
 
 def _workers(args):
-    from .evaluation import default_workers
     return default_workers(_device(args.device)) if args.workers is None else args.workers
 
 
 def _evaluate(args):
-    from .evaluation import evaluate, read_video_list
-
     root = args.root if args.root is not None else (os.path.dirname(os.path.abspath(args.list)))
     videos = read_video_list(args.list, root)
-    names = _read_labels(args.labels) if args.labels else None
+    names = read_class_names(args.labels) if args.labels else None
     model = _load_model(args, None if names is None else len(names))
     if model.num_classes == 0:
         raise CLIError(f"{args.weights} has no classifier head (head.weight): evaluate needs one")
@@ -419,8 +195,6 @@ def _evaluate(args):
 
 
 def _extract(args):
-    from .evaluation import extract, find_videos
-
     videos = find_videos(args.source)
     model = _load_model(args)
     print(f"extracting {args.model} features of {args.source}: windows of {args.window} frames every "
@@ -457,7 +231,7 @@ def _export(args):
     t0 = time.perf_counter()
     path = export_onnx(model, args.out, frames=args.frames, size=args.size,
                        dynamic_batch=not args.static_batch, opset=args.opset)
-    print(f"wrote {path} ({_fmt_bytes(os.path.getsize(path))}) in {time.perf_counter() - t0:.1f} s: "
+    print(f"wrote {path} ({format_bytes(os.path.getsize(path))}) in {time.perf_counter() - t0:.1f} s: "
           f"video {shape} float32 -> logits ({batch}, {num_classes or model.num_features})")
     return 0
 
@@ -528,7 +302,7 @@ def build_parser():
                        help="decoding processes (0: in the main process; default: up to 8 on CUDA, 0 on the CPU, "
                             "where the model uses every core)")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+        p.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="auto: bf16 autocast on CUDA, float32 on the CPU")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     export = sub.add_parser("export", help="write the model as an ONNX file (plain ONNX ops, for ONNX Runtime etc.)")
@@ -543,9 +317,6 @@ def build_parser():
     export.add_argument("--opset", type=int, choices=range(MIN_OPSET, MAX_OPSET + 1), default=DEFAULT_OPSET,
                         metavar=f"{{{MIN_OPSET}..{MAX_OPSET}}}", help=f"ONNX opset (default {DEFAULT_OPSET})")
     return parser
-
-
-ROWS = ("official", "reference", "auto", "triton", "cpp", "sdpa", "compile")
 
 
 def main(argv=None) -> int:

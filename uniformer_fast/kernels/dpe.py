@@ -36,15 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _tiles, check_channel_stride, dense
-from ._tiles import block_c, is_given, num_sms
+from . import INTERPRET, tiles, check_channel_stride, dense
+from .tiles import block_c, is_given, num_sms
 from .dwconv3d import conv_tile
 
 # One program holds all channels of its positions; the block configs are compiled (without
 # spills, tests/test_dpe.py) up to 1024 channels. Wider C is refused (why_not_shape), so "auto"
 # takes the reference.
-MAX_CHANNELS = _tiles.MAX_CHANNELS["dpe"]
-why_not_shape = functools.partial(_tiles.why_not_shape, max_channels=MAX_CHANNELS)
+MAX_CHANNELS = tiles.MAX_CHANNELS["dpe"]
+why_not_shape = functools.partial(tiles.why_not_shape, max_channels=MAX_CHANNELS)
 # BLOCK_P * BLOCK_C elements per program: 4096, i.e. 16 float32 accumulator registers per thread
 # at 8 warps (the dwconv3d forward's budget), at most 64 positions for narrow channel blocks.
 TILE_ELEMENTS = 4096
@@ -169,7 +169,7 @@ def dpe_layernorm_bwd_ln_kernel(
         tok = (pid_g * tiles_per_prog + i).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = tok < num_tokens
         mask = p_mask[:, None] & c_mask[None, :]
-        # Decoded inline, not with _tiles.split_token: with it, Triton 3.9 spilled 8 bytes on
+        # Decoded inline, not with tiles.split_token: with it, Triton 3.9 spilled 8 bytes on
         # sm_90 (float32, BLOCK_C 32, no dy); this form compiles clean (tests/test_dpe.py).
         b = tok // THW
         p = tok % THW

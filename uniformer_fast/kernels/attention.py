@@ -27,10 +27,20 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, dense, unit_stride
-from ._tiles import block_c
+from .tiles import block_c
 
 SUPPORTED_HEAD_DIMS = (28, 32, 64)
 LOG2E = 1.4426950408889634
+
+
+def _fwd_config(block_m, block_n, num_warps, num_stages):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _bwd_config(block_m1, block_n1, block_m2, block_n2, num_warps, num_stages):
+    return dict(BLOCK_M1=block_m1, BLOCK_N1=block_n1, BLOCK_M2=block_m2, BLOCK_N2=block_n2, num_warps=num_warps,
+                num_stages=num_stages)
+
 
 # Block sizes and launch parameters per matmul kind; "short" serves sequences of <= 32 tokens
 # (e.g. the temporal branch of the split block, N = T), where 128-row blocks would be mostly empty.
@@ -41,43 +51,33 @@ LOG2E = 1.4426950408889634
 # (tests/test_attention_compile.py); 128-row blocks with 8 warps are two 64-row Hopper wgmma
 # tiles. Exact float32 ("ieee") runs tl.dot on CUDA cores, whose operands are held in registers:
 # it needs the smallest blocks, and its backward still spills for head_dim 28 and 64 at every
-# block size tried (correct, not fast).
+# block size tried (correct, not fast). Keys: (dot precision, sequence length class).
 FWD_CONFIGS = {
-    ("16bit", "long"): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("16bit", "short"): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-    ("tf32", "long"): dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-    ("tf32", "short"): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-    ("ieee", "long"): dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2),
-    ("ieee", "short"): dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2),
+    ("16bit", "long"): _fwd_config(128, 64, 8, 3),
+    ("16bit", "short"): _fwd_config(32, 32, 4, 2),
+    ("tf32", "long"): _fwd_config(128, 32, 8, 2),
+    ("tf32", "short"): _fwd_config(32, 32, 4, 2),
+    ("ieee", "long"): _fwd_config(32, 16, 8, 2),
+    ("ieee", "short"): _fwd_config(32, 16, 8, 2),
 }
 BWD_CONFIGS = {
-    ("16bit", "long"): dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, num_warps=8,
-                            num_stages=3),
-    ("16bit", "short"): dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4,
-                             num_stages=2),
-    ("tf32", "long"): dict(BLOCK_M1=16, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=16, num_warps=8,
-                           num_stages=2),
-    ("tf32", "short"): dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=8,
-                            num_stages=2),
-    ("ieee", "long"): dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=8,
-                           num_stages=1),
-    ("ieee", "short"): dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=8,
-                            num_stages=1),
+    ("16bit", "long"): _bwd_config(32, 128, 128, 32, 8, 3),
+    ("16bit", "short"): _bwd_config(32, 32, 32, 32, 4, 2),
+    ("tf32", "long"): _bwd_config(16, 64, 64, 16, 8, 2),
+    ("tf32", "short"): _bwd_config(16, 32, 32, 16, 8, 2),
+    ("ieee", "long"): _bwd_config(16, 32, 32, 16, 8, 1),
+    ("ieee", "short"): _bwd_config(16, 32, 32, 16, 8, 1),
 }
 # head_dim 28 (padded to 32): the feature mask and 4-byte-aligned rows cost registers; these
 # replace the entries above where those spill.
 PADDED_FWD_CONFIGS = {
-    ("tf32", "short"): dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+    ("tf32", "short"): _fwd_config(32, 32, 8, 2),
 }
 PADDED_BWD_CONFIGS = {
-    ("16bit", "long"): dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=8,
-                            num_stages=2),
-    ("16bit", "short"): dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=8,
-                             num_stages=2),
-    ("tf32", "long"): dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=8,
-                           num_stages=1),
-    ("tf32", "short"): dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=8,
-                            num_stages=1),
+    ("16bit", "long"): _bwd_config(32, 32, 32, 32, 8, 2),
+    ("16bit", "short"): _bwd_config(32, 32, 32, 32, 8, 2),
+    ("tf32", "long"): _bwd_config(32, 32, 32, 32, 8, 1),
+    ("tf32", "short"): _bwd_config(32, 32, 32, 32, 8, 1),
 }
 DELTA_BLOCK_M = 64
 # Under the interpreter every op costs ~0.1 ms per program whatever the block size, so fewer,

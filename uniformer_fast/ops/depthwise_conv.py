@@ -1,18 +1,21 @@
 """Depthwise 3-D convolution (the DPE and the Local MHRA affinity): validation and dispatch."""
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
 from . import backend as _backend
-from ..kernels._tiles import MAX_KERNEL, why_not_inputs
-from ._validate import check_like, check_optional_vector, check_tensor
+from . import extension
+from ..kernels.tiles import MAX_KERNEL, why_not_inputs
+from .checks import check_like, check_optional_vector, check_tensor
+from .layout import channels_last, empty_channels_last, weight_taps
 from .reference import dwconv3d_reference
 
 
-def _validate(x, weight, bias, residual):
+def check_dwconv3d_args(x, weight, bias, residual):
+    """Raise ValueError/TypeError, naming the argument, unless these are dwconv3d's arguments (also
+    the DPE ops', whose convolution this is)."""
     check_tensor("x", x, ndim=5, form="(B, C, T, H, W)")
     C = x.shape[1]
     form = f"({C}, 1, kt, kh, kw) with odd kt, kh, kw <= {MAX_KERNEL}"
@@ -49,7 +52,7 @@ def dwconv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 def _prepare(x, weight, bias=None, residual=False):
     x, weight, bias = _backend.autocast_inputs(x, weight, bias)
-    _validate(x, weight, bias, residual)
+    check_dwconv3d_args(x, weight, bias, residual)
     return x, weight, bias, residual
 
 
@@ -60,43 +63,15 @@ _backend.register("dwconv3d", "reference")(dwconv3d_reference)
 
 # --- "cpp": the C++ CPU kernels (csrc/, built into uniformer_fast._C by `pip install .`) ---------
 
-try:
-    from .. import _C as _cpp
-    _CPP_IMPORT_ERROR: Optional[str] = None
-except ImportError as _err:  # not built (e.g. no compiler at install time) or not loadable
-    _cpp = None
-    _CPP_IMPORT_ERROR = f"the C++ extension uniformer_fast._C failed to import ({type(_err).__name__}: {_err})"
-_cpp_warned = False
-
-
 def _cpp_why_not(x, weight, bias, residual):
-    global _cpp_warned
-    if _cpp is None:
-        if not _cpp_warned:  # "auto" then falls back to "reference": say so once per process
-            _cpp_warned = True
-            warnings.warn(f"dwconv3d: {_CPP_IMPORT_ERROR}; CPU calls use the 'reference' backend",
-                          RuntimeWarning, stacklevel=4)
-        return _CPP_IMPORT_ERROR
+    reason = extension.why_unavailable("dwconv3d")
+    if reason is not None:
+        return reason
     if x.device.type != "cpu":
         return f"needs CPU tensors; got {x.device.type}"
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"supports float32, bfloat16 and float16; got {x.dtype}"
     return None
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    """t (B, C, T, H, W) as a tensor whose channel stride is 1: unchanged if it has one (the
-    kernels, C++ and Triton, read any B/T/H/W strides, so channels-last tensors and slices of them
-    pass without a copy), else copied once into ``channels_last_3d`` memory."""
-    if t.stride(1) == 1 or t.shape[1] == 1:
-        return t
-    return t.contiguous(memory_format=torch.channels_last_3d)
-
-
-def _empty_channels_last(x: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An uninitialised (B, C, T, H, W) tensor like x in dense channels_last_3d memory."""
-    B, C, T, H, W = x.shape
-    return x.new_empty((B, T, H, W, C), dtype=dtype or x.dtype).permute(0, 4, 1, 2, 3)
 
 
 # One opaque op per kernel direction, each with a fake (shapes only) so torch.compile traces
@@ -109,10 +84,10 @@ def dwconv3d_cpp_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     weight (C, 1, kt, kh, kw) and bias (C,) are read through their strides (point-reflected weight
     if ``flip``), so no weight copies are made here."""
     B, C, T, H, W = x.shape
-    y = _empty_channels_last(x)
+    y = empty_channels_last(x)
     sb, _, st, sh, sw = x.stride()
     wc, _, wt, wh, ww = weight.stride()
-    _cpp.dwconv3d_fwd(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+    extension.C.dwconv3d_fwd(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                       B, C, T, H, W, *weight.shape[2:], sb, st, sh, sw, wc, wt, wh, ww,
                       1 if bias is None else bias.stride(0), flip, residual, torch.get_num_threads())
     return y
@@ -120,7 +95,7 @@ def dwconv3d_cpp_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 @dwconv3d_cpp_fwd.register_fake
 def _(x, weight, bias, residual, flip):
-    return _empty_channels_last(x)
+    return empty_channels_last(x)
 
 
 @torch.library.custom_op("uniformer_fast::dwconv3d_cpp_bwd", mutates_args=())
@@ -132,12 +107,12 @@ def dwconv3d_cpp_bwd(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor
     order: the same bits for any thread count."""
     B, C, T, H, W = x.shape
     kernel_size = weight.shape[2:]
-    dx = _empty_channels_last(x) if need_x else x.new_empty(0)
+    dx = empty_channels_last(x) if need_x else x.new_empty(0)
     dw = x.new_empty((C, 1, *kernel_size))
     db = x.new_empty(C)
     sb, _, st, sh, sw = x.stride()
     wc, _, wt, wh, ww = weight.stride()
-    _cpp.dwconv3d_bwd(x.data_ptr(), grad_y.data_ptr(), weight.data_ptr(), dx.data_ptr() if need_x else 0,
+    extension.C.dwconv3d_bwd(x.data_ptr(), grad_y.data_ptr(), weight.data_ptr(), dx.data_ptr() if need_x else 0,
                       dw.data_ptr(), db.data_ptr(), B, C, T, H, W, *kernel_size, sb, st, sh, sw,
                       wc, wt, wh, ww, residual, torch.get_num_threads())
     return dx, dw, db
@@ -146,7 +121,7 @@ def dwconv3d_cpp_bwd(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor
 @dwconv3d_cpp_bwd.register_fake
 def _(x, grad_y, weight, residual, need_x):
     C = x.shape[1]
-    dx = _empty_channels_last(x) if need_x else x.new_empty(0)
+    dx = empty_channels_last(x) if need_x else x.new_empty(0)
     return dx, x.new_empty((C, 1, *weight.shape[2:])), x.new_empty(C)
 
 
@@ -155,7 +130,7 @@ class _DWConv3dCpp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual):
-        x = _channels_last(x)
+        x = channels_last(x)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.residual = bias is not None, residual
         return dwconv3d_cpp_fwd(x, weight.detach(), None if bias is None else bias.detach(), residual, False)
@@ -186,26 +161,17 @@ def dwconv3d_cpp(x, weight, bias=None, residual=False):
     way in and the result rounded once on the way out, differentiably. ATen's own half-precision
     3-D convolution on the CPU is a direct loop tens of times slower than these passes."""
     if x.dtype != torch.float32:
-        y = dwconv3d_cpp(_channels_last(x).float(), weight.float(), None if bias is None else bias.float(), residual)
+        y = dwconv3d_cpp(channels_last(x).float(), weight.float(), None if bias is None else bias.float(), residual)
         return y.to(x.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _DWConv3dCpp.apply(x, weight, bias, residual)
-    return dwconv3d_cpp_fwd(_channels_last(x), weight, bias, residual, False)  # inference: no autograd bookkeeping
+    return dwconv3d_cpp_fwd(channels_last(x), weight, bias, residual, False)  # inference: no autograd bookkeeping
 
 
 # --- "triton": the fused kernels in kernels/dwconv3d.py -------------------------------------------
 
-def _triton_why_not(x, weight, bias, residual):
+def dwconv3d_triton_why_not(x, weight, bias, residual):
     return why_not_inputs("dwconv3d", "x", x, weight, bias)
-
-
-def _weight_taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    """weight (C, 1, kt, kh, kw) -> (kt * kh * kw, C) contiguous, tap-major (the kernels' layout);
-    ``flip`` point-reflects the kernel (the input gradient's convolution)."""
-    w = weight.detach()
-    if flip:
-        w = w.flip((2, 3, 4))
-    return w.reshape(w.shape[0], -1).t().contiguous()
 
 
 @torch.library.custom_op("uniformer_fast::dwconv3d_triton_fwd", mutates_args=())
@@ -219,7 +185,7 @@ def dwconv3d_triton_fwd(x: torch.Tensor, weight_taps: torch.Tensor, bias: Option
 
 @dwconv3d_triton_fwd.register_fake
 def _(x, weight_taps, bias, residual, kernel_size):
-    return _empty_channels_last(x)
+    return empty_channels_last(x)
 
 
 @torch.library.custom_op("uniformer_fast::dwconv3d_triton_bwd_dw", mutates_args=())
@@ -243,10 +209,10 @@ class _DWConv3dTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual):
-        x = _channels_last(x)
+        x = channels_last(x)
         b = None if bias is None else bias.detach()
         kernel = list(weight.shape[2:])
-        y = dwconv3d_triton_fwd(x, _weight_taps(weight), b, residual, kernel)
+        y = dwconv3d_triton_fwd(x, weight_taps(weight), b, residual, kernel)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.residual = bias is not None, residual
         return y
@@ -256,7 +222,7 @@ class _DWConv3dTriton(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         # Any B/T/H/W strides are read in place; a gradient without unit channel stride (e.g. the
         # stride-0 one of y.sum().backward()) is made channels-last once.
-        gy = _channels_last(grad_y)
+        gy = channels_last(grad_y)
         return (*dwconv3d_triton_backward(x, gy, weight, ctx.residual, ctx.needs_input_grad[0],
                                           ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]),
                 None)
@@ -269,7 +235,7 @@ def dwconv3d_triton_backward(x, gy, weight, residual, need_x, need_w, need_b):
     grad_x = grad_w = grad_b = None
     if need_x:
         # dx = conv(dy, point-reflected kernel) (+ dy for the residual), the forward kernel.
-        grad_x = dwconv3d_triton_fwd(gy, _weight_taps(weight, flip=True), None, residual, kernel)
+        grad_x = dwconv3d_triton_fwd(gy, weight_taps(weight, flip=True), None, residual, kernel)
     if need_w or need_b:
         dw_taps, db = dwconv3d_triton_bwd_dw(x, gy, kernel)
         if need_w:
@@ -279,7 +245,7 @@ def dwconv3d_triton_backward(x, gy, weight, residual, need_x, need_w, need_b):
     return grad_x, grad_w, grad_b
 
 
-@_backend.register("dwconv3d", "triton", why_not=_triton_why_not)
+@_backend.register("dwconv3d", "triton", why_not=dwconv3d_triton_why_not)
 def dwconv3d_triton(x, weight, bias=None, residual=False):
     """The "triton" backend: x (B, C, T, H, W) float16/bfloat16/float32 on a CUDA device (or on
     the CPU under ``TRITON_INTERPRET=1``), any memory format: read in place if its channel stride

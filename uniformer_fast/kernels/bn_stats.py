@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, check_channel_stride, dense
-from ._tiles import is_given, split_token, strided_offset
+from .tiles import is_given, split_token, strided_offset
 
 # Merge kernel: chunks of BLOCK_G rows x BLOCK_C channels (2048 float32 elements per array: 16
 # registers per thread at 4 warps), ROWS_PER_GROUP rows per first-level program: stage 1 of

@@ -1,7 +1,7 @@
 """The model's linear maps (qkv, proj, the MLP halves, the 1x1x1 convs as matmuls over channels),
 optionally with GELU fused into the matmul's epilogue: validation and dispatch.
 
-Backends: ``"reference"`` (``F.linear``, then ``F.gelu``) and ``"cpp"``, the CPU fast path:
+Backends: ``"reference"`` (``F.linear``, then ``F.gelu``) and ``"onednn"``, the CPU fast path:
 PyTorch's bundled oneDNN matmul with the bias and the exact (erf) GELU applied in its epilogue
 (below AVX-512, our C++ GELU in place right after it: see :func:`_gelu_in_epilogue`),
 for inference (float32; bfloat16/float16 natively where the CPU has those instructions, else
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from ._validate import check_like, check_optional_vector, check_tensor
+from . import extension
+from .checks import check_like, check_optional_vector, check_tensor
 from ..kernels import dense, why_not_triton
-from ..kernels._tiles import why_not_dtype
-from .dwconv3d import _cpp
+from ..kernels.tiles import why_not_dtype
 from .reference import linear_reference
 
 ACTIVATIONS = (None, "gelu")
@@ -57,7 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         x: (..., in_features).
         weight: (out_features, in_features); bias: (out_features,) or None.
         activation: None, or ``"gelu"`` (exact, erf-based, as ``nn.GELU()``).
-        backend: ``"reference"``, ``"cpp"``, ``"triton"`` or ``"auto"``; ``None`` takes the one in
+        backend: ``"reference"``, ``"onednn"``, ``"triton"`` or ``"auto"``; ``None`` takes the one in
             force.
 
     Returns:
@@ -69,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def _prepare(x, weight, bias=None, activation=None):
     if isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        weight, bias = _cast_once(weight, dtype), _cast_once(bias, dtype)
+        weight, bias = cast_once(weight, dtype), cast_once(bias, dtype)
     x, weight, bias = _backend.autocast_inputs(x, weight, bias)
     _validate(x, weight, bias, activation)
     return x, weight, bias, activation
@@ -83,7 +83,7 @@ _CASTS = torch.utils.weak.WeakIdKeyDictionary()
 _CAST_SOURCE = torch.utils.weak.WeakIdKeyDictionary()
 
 
-def _cast_once(t, dtype):
+def cast_once(t, dtype):
     """t (a Parameter or a view of one) in ``dtype``: a cached copy while the parameter is unchanged
     and no gradient is wanted; anything else as it is (autocast_inputs casts it)."""
     if not isinstance(t, torch.Tensor) or t.dtype == dtype or not t.is_floating_point():
@@ -121,11 +121,11 @@ def _per_view(cache, base: torch.Tensor, t: torch.Tensor, tag, make):
     return hit[1]
 
 
-_backend.define_op("linear", auto={"cpu": ("cpp", "reference"), "cuda": ("reference",)}, prepare=_prepare)
+_backend.define_op("linear", auto={"cpu": ("onednn", "reference"), "cuda": ("reference",)}, prepare=_prepare)
 _backend.register("linear", "reference")(linear_reference)
 
 
-# --- "cpp": oneDNN's fused matmul + bias + GELU (inference, float32, CPU) --------------------------
+# --- "onednn": oneDNN's fused matmul + bias + GELU (inference, float32, CPU) -----------------------
 
 def _onednn_linear_op():
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
@@ -140,7 +140,7 @@ def _onednn_linear_op():
     return op
 
 
-_ONEDNN_LINEAR = _onednn_linear_op()
+ONEDNN_LINEAR = _onednn_linear_op()
 
 
 def _onednn_native_dtypes() -> frozenset:
@@ -168,8 +168,8 @@ def cpu_native_dtypes() -> frozenset:
     return ONEDNN_NATIVE_DTYPES
 
 
-def _cpp_why_not(x, weight, bias, activation):
-    if _ONEDNN_LINEAR is None:
+def onednn_why_not(x, weight, bias, activation):
+    if ONEDNN_LINEAR is None:
         return "this PyTorch build has no usable oneDNN linear (torch.ops.mkldnn._linear_pointwise)"
     if x.device.type != "cpu":
         return f"needs CPU tensors; got {x.device.type}"
@@ -218,18 +218,18 @@ _GELU_IN_EPILOGUE = _gelu_in_epilogue()
 def _onednn_rows(rows, weight, bias, activation):
     weight = _prepacked(weight, rows.shape[0])
     if activation != "gelu":
-        return _ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
+        return ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
     if _GELU_IN_EPILOGUE:
-        return _ONEDNN_LINEAR(rows, weight, bias, "gelu", [], "none")
-    return _gelu_inplace(_ONEDNN_LINEAR(rows, weight, bias, "none", [], ""))
+        return ONEDNN_LINEAR(rows, weight, bias, "gelu", [], "none")
+    return _gelu_inplace(ONEDNN_LINEAR(rows, weight, bias, "none", [], ""))
 
 
 def _gelu_inplace(y: torch.Tensor) -> torch.Tensor:
     """y = gelu(y) in place, y a fresh dense matmul output: the C++ kernel (csrc/gelu_impl.h, a
     rational erf, a third of ATen's cycles per element on AVX2) in float32, else ATen's."""
-    if _cpp is None or y.dtype != torch.float32 or not y.is_contiguous():
+    if extension.C is None or y.dtype != torch.float32 or not y.is_contiguous():
         return torch.ops.aten.gelu_(y)
-    _cpp.gelu_inplace(y.data_ptr(), y.numel(), _cpp.isa(), torch.get_num_threads())
+    extension.C.gelu_inplace(y.data_ptr(), y.numel(), torch.get_num_threads())  # the extension's ISA
     return y
 
 
@@ -242,14 +242,17 @@ def linear_onednn_rows(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return _onednn_rows(rows, weight, bias, activation)
 
 
-@linear_onednn_rows.register_fake
-def _(rows, weight, bias, activation):
+def _matmul_rows_fake(rows, weight, bias, activation):
+    """The shapes of a forward matmul of both backends: rows (M, K), weight (N, K) -> (M, N)."""
     return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
-@_backend.register("linear", "cpp", why_not=_cpp_why_not)
+linear_onednn_rows.register_fake(_matmul_rows_fake)
+
+
+@_backend.register("linear", "onednn", why_not=onednn_why_not)
 def linear_onednn(x, weight, bias=None, activation=None):
-    """The "cpp" backend: x (..., K), weight (N, K) and bias (N,) or None, float32, bfloat16 or
+    """The "onednn" backend: x (..., K), weight (N, K) and bias (N,) or None, float32, bfloat16 or
     float16 (one dtype), any strides. Returns (..., N) contiguous in x's dtype: computed in that
     dtype with float32 accumulation where the CPU runs it natively (ONEDNN_NATIVE_DTYPES), else in
     float32 and rounded once."""
@@ -288,9 +291,7 @@ def linear_triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return linear_fwd(x, weight, bias, activation)
 
 
-@linear_triton_fwd.register_fake
-def _(x, weight, bias, activation):
-    return x.new_empty(x.shape[0], weight.shape[0])
+linear_triton_fwd.register_fake(_matmul_rows_fake)
 
 
 @torch.library.custom_op("uniformer_fast::linear_triton_bwd", mutates_args=())

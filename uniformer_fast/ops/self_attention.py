@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
-from ..kernels._tiles import why_not_dtype
-from ._validate import check_tensor
+from . import extension
+from ..kernels.tiles import why_not_dtype
+from .checks import check_tensor
 from .reference import attention_reference
 
 
@@ -123,19 +124,17 @@ def sdpa_unchecked(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: f
 def _cpp_isa_why_not(bf16: bool) -> str:
     """An empty string where the C++ kernel runs (bfloat16 if bf16) on the kernels' instruction set
     (AVX-512; float32 also AVX2), else why not."""
-    from .dwconv3d import _cpp
-    isa = _cpp.isa()
-    if isa in ("avx512", "avx2") and _cpp.attention_supported(bf16, isa == "avx2"):
+    if extension.C.attention_supported(bf16):  # for the extension's current instruction set
         return ""
+    isa = extension.isa()
     if bf16:
         return f"bfloat16 needs a CPU with AVX512-BF16 (kernels' instruction set here: {isa})"
     return f"needs a CPU with AVX-512 or AVX2 (kernels' instruction set here: {isa})"
 
 
 def _cpp_why_not(qkv, num_heads, scale, dropout_p):
-    from .dwconv3d import _CPP_IMPORT_ERROR, _cpp
-    if _cpp is None:
-        return _CPP_IMPORT_ERROR
+    if extension.C is None:
+        return extension.IMPORT_ERROR
     if qkv.device.type != "cpu":
         return f"needs CPU tensors; got {qkv.device.type}"
     if qkv.dtype not in (torch.float32, torch.bfloat16):
@@ -157,15 +156,14 @@ def _cpp_why_not(qkv, num_heads, scale, dropout_p):
 
 
 def _attention_cpp(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    from .dwconv3d import _cpp
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     B, N, C3 = qkv.shape
     out = qkv.new_empty(B, N, C3 // 3)
-    # The AVX-512 kernels, or the AVX2 one where the kernels' instruction set is AVX2 (float32).
-    _cpp.attention_fwd(qkv.data_ptr(), out.data_ptr(), B, N, num_heads, C3 // (3 * num_heads), qkv.stride(0),
-                       qkv.stride(1), qkv.dtype == torch.bfloat16, _cpp.isa() == "avx2", scale,
-                       torch.get_num_threads())
+    # The kernels of the extension's instruction set: AVX-512, or AVX2 (float32).
+    extension.C.attention_fwd(qkv.data_ptr(), out.data_ptr(), B, N, num_heads, C3 // (3 * num_heads),
+                              qkv.stride(0), qkv.stride(1), qkv.dtype == torch.bfloat16, scale,
+                              torch.get_num_threads())
     return out
 
 

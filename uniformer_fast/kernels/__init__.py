@@ -1,4 +1,4 @@
-"""Triton kernels and their launchers, installed as ``uniformer_fast.kernels``.
+"""Triton kernels and their launchers (``uniformer_fast.kernels``); the op layer (:mod:`uniformer_fast.ops`) calls them.
 
 This module is the one place that knows about Triton's availability, its versions and its CPU
 interpreter (``TRITON_INTERPRET=1``, which must be set before triton is first imported). Launchers
@@ -8,7 +8,7 @@ autotune config, upcasts) from here. It also knows the layouts the kernels addre
 :func:`unit_stride` or :func:`check_channel_stride`.
 
 What the tiled kernels share (dtypes, shape limits, the ops' pre-launch check, the decoding of
-positions inside kernels, None for absent tensors) is in :mod:`._tiles`.
+positions inside kernels, None for absent tensors) is in :mod:`.tiles`.
 
 Tested Triton versions: 3.6 (the GPU machine's, with torch 2.11) and 3.9 (torch 2.13). Every GPU
 config compiles without spills under both, so no launcher chooses by version; the one

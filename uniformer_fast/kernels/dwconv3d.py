@@ -36,12 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _tiles, check_channel_stride, dense
-from ._tiles import is_given, num_sms, split_position, strided_offset
+from . import INTERPRET, tiles, check_channel_stride, dense
+from .tiles import is_given, num_sms, split_position, strided_offset
 from .bn_stats import TilePartials, store_bn_partials
 
-# The shape check the ops ask of this module (kernels/_tiles.py's why_not_inputs): any channel count.
-why_not_shape = _tiles.why_not_shape
+# The shape check the ops ask of this module (kernels/tiles.py's why_not_inputs): any channel count.
+why_not_shape = tiles.why_not_shape
 
 # Block sizes, keyed by the channel block: BLOCK_C channels of 16-bit data are 8 threads x 16
 # bytes (64 channels) or 4 threads x 16 bytes (32 channels); BLOCK_P * BLOCK_C = 4096 elements per

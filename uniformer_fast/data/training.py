@@ -4,7 +4,7 @@ Per video and epoch (:class:`TrainClips`), in the official order (Sense-X/UniFor
 ``slowfast/datasets/kinetics.py`` and ``sth.py`` with ``AUG.ENABLE``):
 
 1. frames: a random dense clip (Kinetics) or a random frame per segment (Something-Something),
-   :func:`~uniformer_fast.video.train_indices`, decoded from the nearest keyframe;
+   :func:`~uniformer_fast.data.video.train_indices`, decoded from the nearest keyframe;
 2. RandAugment (``rand-m7-n4-mstd0.5-inc1``) on the uint8 frames, the same ops on every frame;
 3. normalised, then a random resized crop (area 8-100%, aspect 3/4-4/3; ``crop="resized"``, the
    official recipe) or a short side jittered in [256, 320] x ``size / 224`` and a random crop
@@ -20,6 +20,9 @@ number of workers or on a resumed run: the same epoch gives the same clips.
 
 A video that cannot be read is replaced by another one drawn at random; the sample carries the
 failure so the training loop can report it (workers cannot print through a progress bar).
+
+:func:`load_clip` and :func:`preprocess` are the one-clip helpers of :mod:`uniformer_fast.data.video`
+with a training mode (``train=True``) that goes through the same recipe.
 """
 from __future__ import annotations
 
@@ -32,11 +35,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .evaluation import VIDEO_ERRORS, VideoItem, read_video_list
-from .video import MEAN, PROTOCOLS, STD, VIDEO_EXTENSIONS, VideoReader, train_indices
+from . import video
+from .augment import RandAugment, RandomErasing, horizontal_flip, random_resized_crop, short_side_jitter_crop
+from .lists import VIDEO_ERRORS, VideoItem, read_video_list
+from .video import (MEAN, PROTOCOLS, STD, VIDEO_EXTENSIONS, VideoReader, check_count, random_dense_indices,
+                    train_indices)
 
-__all__ = ["TrainRecipe", "TrainClips", "EpochSampler", "collate_clips", "find_training_videos", "check_labels",
-           "augment_clip"]
+__all__ = ["TrainRecipe", "ClipAugmenter", "TrainClips", "EpochSampler", "collate_clips", "find_training_videos",
+           "check_labels", "augment_clip", "load_clip", "preprocess"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,7 @@ class TrainRecipe:
 
     def __post_init__(self):
         for name in ("num_frames", "sample_rate", "size", "num_sample"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1; got {value!r}")
+            check_count(name, getattr(self, name))
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: expected one of {', '.join(PROTOCOLS)}; got {self.protocol!r}")
         if self.crop not in ("resized", "jitter"):
@@ -76,11 +80,12 @@ class TrainRecipe:
         return self.protocol == "kinetics" if self.flip is None else self.flip
 
 
-class _Augmenter:
-    """The recipe's augmentation objects, built once per dataset (they parse their specs)."""
+class ClipAugmenter:
+    """A :class:`TrainRecipe` made callable: ``augmenter(frames, rng)`` turns uint8 ``(T, H, W, 3)``
+    frames into a normalised float32 clip ``(3, T, size, size)``, every choice drawn from ``rng``.
+    Built once per dataset and worker, since building parses the RandAugment spec."""
 
     def __init__(self, recipe: TrainRecipe):
-        from .augment import RandAugment, RandomErasing
         self.recipe = recipe
         self.rand_augment = RandAugment.from_string(recipe.rand_augment) if recipe.rand_augment else None
         self.erase = RandomErasing(recipe.erase_prob) if recipe.erase_prob > 0 else None
@@ -88,7 +93,6 @@ class _Augmenter:
         self.std = torch.tensor(STD).view(3, 1, 1, 1)
 
     def __call__(self, frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        from .augment import horizontal_flip, random_resized_crop, short_side_jitter_crop
         r = self.recipe
         if self.rand_augment is not None:
             frames = self.rand_augment(frames, rng)
@@ -108,7 +112,7 @@ class _Augmenter:
 
 def augment_clip(frames: torch.Tensor, rng: random.Random, recipe: TrainRecipe = TrainRecipe()) -> torch.Tensor:
     """uint8 ``(T, H, W, 3)`` frames -> one augmented, normalised float32 clip ``(3, T, size, size)``."""
-    return _Augmenter(recipe)(frames, rng)
+    return ClipAugmenter(recipe)(frames, rng)
 
 
 class TrainClips(Dataset):
@@ -146,7 +150,7 @@ class TrainClips(Dataset):
         travels with the index)."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         if self._augment is None:  # built in the worker that uses it
-            self._augment = _Augmenter(self.recipe)
+            self._augment = ClipAugmenter(self.recipe)
         rng = self.rng(index, epoch)
         failures: List[Tuple[str, str]] = []
         for _ in range(self.max_replacements + 1):
@@ -210,7 +214,7 @@ def find_training_videos(source, root: Optional[str] = None,
 
     A directory is ``source/<class name>/<video>`` (the classes are ``class_names``' order when
     given, every folder having to be one of them; otherwise the sorted folder names); a file is an
-    official list (:func:`~uniformer_fast.evaluation.read_video_list`, ``root`` in front of
+    official list (:func:`~uniformer_fast.data.lists.read_video_list`, ``root`` in front of
     relative paths, by default the list's folder).
     """
     source = os.fspath(source)
@@ -246,3 +250,36 @@ def check_labels(items: Sequence[VideoItem], num_classes: int, where: str) -> No
         if item.label is None or not 0 <= item.label < num_classes:
             raise ValueError(f"{where}: {item.key} has label {item.label}, outside the {num_classes} classes "
                              f"[0, {num_classes - 1}] (set --num-classes or --label-map)")
+
+
+def load_clip(path, num_frames: int = 16, sample_rate: int = 4, size: int = 224, *,
+              train: bool = False, rng: Optional[random.Random] = None) -> torch.Tensor:
+    """A model-ready clip ``(3, num_frames, size, size)``.
+
+    Evaluation: the official single-view test clip (:func:`uniformer_fast.data.video.load_clip`).
+    Training: the official training clip (:func:`~uniformer_fast.data.video.random_dense_indices`,
+    then :func:`augment_clip` with the default recipe: RandAugment, a random resized crop, a flip,
+    random erasing), drawn from ``rng``.
+    """
+    if not train:
+        return video.load_clip(path, num_frames, sample_rate, size)
+    rng = rng if rng is not None else random.Random()
+    with VideoReader(path) as reader:
+        frames = reader.get_frames(random_dense_indices(len(reader), num_frames, sample_rate, rng))
+    return augment_clip(frames, rng, TrainRecipe(num_frames, sample_rate, size))
+
+
+def preprocess(frames: torch.Tensor, size: int = 224, *, train: bool = False,
+               scale_range=(256, 320), rng: Optional[random.Random] = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> normalised float32 (3, T, size, size).
+
+    Evaluation: the official test transform (:func:`uniformer_fast.data.video.preprocess`, one
+    centre crop). Training: the official recipe without ``AUG``: the short side to a random length
+    in ``scale_range`` scaled by ``size / 224`` (no antialiasing), a random crop and a random
+    horizontal flip, drawn from ``rng`` (:func:`augment_clip` with ``crop="jitter"``).
+    """
+    if not train:
+        return video.preprocess(frames, size)
+    recipe = TrainRecipe(frames.shape[0], 1, size, crop="jitter", jitter=tuple(scale_range), rand_augment=None,
+                         erase_prob=0.0)
+    return augment_clip(frames, rng if rng is not None else random.Random(), recipe)

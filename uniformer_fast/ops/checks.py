@@ -1,9 +1,16 @@
 """Argument checks shared by the ops: each error names the argument and the expected form."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_int(v) -> bool:
+    """An integer argument (a bool is not one)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def check_tensor(name: str, t, *, ndim: int, form: str) -> None:

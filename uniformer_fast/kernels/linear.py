@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, dense, unit_stride
-from ._tiles import is_given, num_sms
+from .tiles import is_given, num_sms
 from .attention import dot_precision, matmul_kind
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_bwd": 2}

@@ -18,7 +18,8 @@ Sampling follows the official test code (Sense-X/UniFormer ``slowfast/datasets``
   frame ``round(seg * i) + int(seg / (views + 1) * (view + 1))`` of segment ``i``.
 - **Training** (:func:`random_dense_indices`, :func:`random_segment_indices`): a random start
   instead of the view's for Kinetics, a random frame per segment for Something-Something; the
-  augmentations are in :mod:`uniformer_fast.augment` and :mod:`uniformer_fast.train_data`.
+  augmentations are in :mod:`uniformer_fast.data.augment` and :mod:`uniformer_fast.data.training`
+  (which also has the training variants of :func:`load_clip` and :func:`preprocess`).
 - **Space** (:func:`resize_short_side`, :func:`uniform_crop`): the short side is resized to
   ``short_side`` (the crop size unless given) with bilinear interpolation, ``align_corners=False``
   and no antialiasing, the long side to ``floor(long / short * short_side)``; then one crop (the
@@ -48,7 +49,8 @@ PROTOCOLS = ("kinetics", "sth")
 __all__ = ["MEAN", "STD", "PROTOCOLS", "VIDEO_EXTENSIONS", "VideoDecodeError", "VideoReader", "dense_indices",
            "segment_indices", "view_indices", "random_dense_indices",
            "random_segment_indices", "train_indices", "window_indices", "resize_short_side", "uniform_crop",
-           "crop_positions", "normalize", "to_views", "load_views", "load_clip", "read_frames"]
+           "crop_positions", "normalize", "to_views", "load_views", "load_clip", "read_frames", "sample_indices",
+           "preprocess", "check_count"]
 
 
 class VideoDecodeError(ValueError):
@@ -265,13 +267,14 @@ def _to_tensor(frame) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Which frames: the official test samplers and the sliding window of feature extraction.
 
-def _check_count(name, value, low=1):
+def check_count(name: str, value, low: int = 1) -> None:
+    """A ValueError naming the argument ``name`` unless ``value`` is an integer (not a bool) >= ``low``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name}: expected an integer >= {low}; got {value!r}")
 
 
 def _check_view(view, views):
-    _check_count("views", views)
+    check_count("views", views)
     if not isinstance(view, int) or isinstance(view, bool) or not 0 <= view < views:
         raise ValueError(f"view: expected an integer in [0, {views - 1}]; got {view!r}")
 
@@ -279,9 +282,9 @@ def _check_view(view, views):
 def dense_indices(total: int, num_frames: int, sample_rate: int, view: int = 0, views: int = 1) -> torch.Tensor:
     """The official Kinetics test sampler (decord backend, offset sampling): the frame indices of
     temporal view ``view`` of ``views``, int64 ``(num_frames,)``."""
-    _check_count("total", total)
-    _check_count("num_frames", num_frames)
-    _check_count("sample_rate", sample_rate)
+    check_count("total", total)
+    check_count("num_frames", num_frames)
+    check_count("sample_rate", sample_rate)
     _check_view(view, views)
     clip = sample_rate * num_frames
     delta = max(total - clip, 0)
@@ -294,8 +297,8 @@ def dense_indices(total: int, num_frames: int, sample_rate: int, view: int = 0, 
 def segment_indices(total: int, num_frames: int, view: int = 0, views: int = 1) -> torch.Tensor:
     """The official Something-Something test sampler: one frame per segment, shifted by the view,
     int64 ``(num_frames,)`` (0-based; the official frame folders number files from 1)."""
-    _check_count("total", total)
-    _check_count("num_frames", num_frames)
+    check_count("total", total)
+    check_count("num_frames", num_frames)
     _check_view(view, views)
     seg = float(total - 1) / num_frames
     shift = int(seg / (views + 1) * (view + 1))
@@ -319,9 +322,9 @@ def random_dense_indices(total: int, num_frames: int, sample_rate: int, rng: ran
     """The official Kinetics training sampler: a clip of ``sample_rate * num_frames`` frames from a
     start drawn uniformly (a float) in ``[0, max(total - clip, 0)]``, its frames
     ``linspace(start, start + clip - 1, num_frames)`` clamped and truncated, int64 ``(num_frames,)``."""
-    _check_count("total", total)
-    _check_count("num_frames", num_frames)
-    _check_count("sample_rate", sample_rate)
+    check_count("total", total)
+    check_count("num_frames", num_frames)
+    check_count("sample_rate", sample_rate)
     clip = sample_rate * num_frames
     start = rng.uniform(0, max(total - clip, 0))
     idx = torch.linspace(start, start + clip - 1, num_frames, dtype=torch.float32)
@@ -332,8 +335,8 @@ def random_segment_indices(total: int, num_frames: int, rng: random.Random) -> t
     """The official Something-Something training sampler: ``num_frames`` segments of
     ``seg = (total - 1) / num_frames`` frames, one frame drawn uniformly from each (both ends
     included), int64 ``(num_frames,)``."""
-    _check_count("total", total)
-    _check_count("num_frames", num_frames)
+    check_count("total", total)
+    check_count("num_frames", num_frames)
     seg = float(total - 1) / num_frames
     idx = [rng.randint(int(round(seg * i)), int(round(seg * (i + 1)))) for i in range(num_frames)]
     return torch.tensor(idx, dtype=torch.long).clamp_(0, total - 1)
@@ -356,10 +359,10 @@ def window_indices(total: int, window: int, stride: int, sample_rate: int) -> to
     ``sample_rate`` apart; windows run while they fit in the video. A video shorter than one
     window gives one window from frame 0, its last frame repeated (clamped, as the samplers do).
     """
-    _check_count("total", total)
-    _check_count("window", window)
-    _check_count("stride", stride)
-    _check_count("sample_rate", sample_rate)
+    check_count("total", total)
+    check_count("window", window)
+    check_count("stride", stride)
+    check_count("sample_rate", sample_rate)
     span = (window - 1) * sample_rate + 1
     starts = torch.arange(0, max(total - span, 0) + 1, stride * sample_rate)
     idx = starts[:, None] + torch.arange(window) * sample_rate
@@ -373,7 +376,7 @@ def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
     """Float ``(..., C, H, W)`` with the short side resized to ``size`` and the long side to
     ``floor(long / short * size)``: bilinear, ``align_corners=False``, no antialiasing (the official
     ``random_short_side_scale_jitter`` at test time). Unchanged when the short side is ``size``."""
-    _check_count("size", size)
+    check_count("size", size)
     h, w = x.shape[-2:]
     if (w <= h and w == size) or (h <= w and h == size):
         return x
@@ -432,7 +435,7 @@ def to_views(frames: torch.Tensor, size: int = 224, crops: int = 1, *, short_sid
     """
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames: expected uint8 (T, H, W, 3); got {frames.dtype} {tuple(frames.shape)}")
-    _check_count("size", size)
+    check_count("size", size)
     short_side = size if short_side is None else short_side
     if short_side < size:
         raise ValueError(f"short_side: expected >= size ({size}); got {short_side}")
@@ -467,22 +470,11 @@ def load_views(path, num_frames: int = 16, sample_rate: int = 4, views: int = 1,
                       for f in frames.split(num_frames)])
 
 
-def load_clip(path, num_frames: int = 16, sample_rate: int = 4, size: int = 224, *,
-              train: bool = False, rng: Optional[random.Random] = None) -> torch.Tensor:
-    """A model-ready clip ``(3, num_frames, size, size)``.
-
-    Evaluation: the official single-view test clip (:func:`dense_indices` with one view, the
-    centre crop after resizing the short side to ``size``). Training: the official training clip
-    (:func:`random_dense_indices`, then :func:`uniformer_fast.train_data.augment_clip` with the
-    default recipe: RandAugment, a random resized crop, a flip, random erasing), drawn from ``rng``.
-    """
-    if not train:
-        return load_views(path, num_frames, sample_rate, 1, 1, size)[0]
-    from .train_data import TrainRecipe, augment_clip  # train_data imports this module
-    rng = rng if rng is not None else random.Random()
-    with VideoReader(path) as reader:
-        frames = reader.get_frames(random_dense_indices(len(reader), num_frames, sample_rate, rng))
-    return augment_clip(frames, rng, TrainRecipe(num_frames, sample_rate, size))
+def load_clip(path, num_frames: int = 16, sample_rate: int = 4, size: int = 224) -> torch.Tensor:
+    """The official single-view test clip, model-ready: float32 ``(3, num_frames, size, size)``
+    (:func:`dense_indices` with one view, the centre crop after resizing the short side to
+    ``size``). :func:`uniformer_fast.data.training.load_clip` also makes training clips."""
+    return load_views(path, num_frames, sample_rate, 1, 1, size)[0]
 
 
 def read_frames(path) -> torch.Tensor:
@@ -502,18 +494,8 @@ def sample_indices(total: int, num_frames: int, sample_rate: int, start: Optiona
     return idx.clamp_(0, total - 1)
 
 
-def preprocess(frames: torch.Tensor, size: int = 224, *, train: bool = False,
-               scale_range=(256, 320), rng: Optional[random.Random] = None) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> normalised float32 (3, T, size, size).
-
-    Evaluation: the official test transform (:func:`to_views`, one centre crop). Training: the
-    official recipe without ``AUG``: the short side to a random length in ``scale_range`` scaled by
-    ``size / 224`` (no antialiasing), a random crop and a random horizontal flip, drawn from
-    ``rng`` (:func:`uniformer_fast.train_data.augment_clip` with ``crop="jitter"``).
-    """
-    if not train:
-        return to_views(frames, size, 1)[0]
-    from .train_data import TrainRecipe, augment_clip  # train_data imports this module
-    recipe = TrainRecipe(frames.shape[0], 1, size, crop="jitter", jitter=tuple(scale_range), rand_augment=None,
-                         erase_prob=0.0)
-    return augment_clip(frames, rng if rng is not None else random.Random(), recipe)
+def preprocess(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """uint8 ``(T, H, W, 3)`` -> normalised float32 ``(3, T, size, size)``: the official test
+    transform (:func:`to_views`, one centre crop). :func:`uniformer_fast.data.training.preprocess`
+    also applies the training transform."""
+    return to_views(frames, size, 1)[0]

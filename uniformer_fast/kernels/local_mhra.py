@@ -42,16 +42,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _tiles, check_channel_stride, dense
-from ._tiles import block_c, is_given, strided_offset
+from . import INTERPRET, tiles, check_channel_stride, dense
+from .tiles import block_c, is_given, strided_offset
 from .bn_stats import TilePartials, store_bn_partials
 from .dwconv3d import conv_tile
 from .attention import dot_precision, matmul_kind
 
 # One program holds all channels; beyond 128 the (BLOCK_C x BLOCK_C) projection tile and the
 # float32 accumulator no longer fit a program (UniFormer's CBlocks have C = 64 and 128).
-MAX_CHANNELS = _tiles.MAX_CHANNELS["local_mhra"]
-why_not_shape = functools.partial(_tiles.why_not_shape, max_channels=MAX_CHANNELS)
+MAX_CHANNELS = tiles.MAX_CHANNELS["local_mhra"]
+why_not_shape = functools.partial(tiles.why_not_shape, max_channels=MAX_CHANNELS)
 
 # GPU launch configs per matmul kind (kernels/attention.py's matmul_kind), keyed by BLOCK_C. Picked
 # from ahead-of-time compiles (no GPU timing yet); each is compiled for sm_80 and sm_90 in

@@ -1,0 +1,3 @@
+"""What runs a model over videos: evaluation (:mod:`.evaluate`) and feature extraction
+(:mod:`.extract`) on their shared inference loop (:mod:`.inference`), training (:mod:`.train`), the
+benchmark (:mod:`.bench`) and the ``uniformer-fast`` command (:mod:`.cli`)."""
