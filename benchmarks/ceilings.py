@@ -1,4 +1,5 @@
-"""Measure this GPU's ceilings: copy bandwidth and dense bf16 matmul rate.
+"""Measure this GPU's ceilings: copy bandwidth and dense bf16 matmul rate (and a CPU's, for the CPU
+serving benchmark: :func:`measure_cpu`).
 
     python -m benchmarks.ceilings [--out ceilings.json]
 
@@ -14,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 
@@ -69,6 +71,39 @@ def measure() -> dict:
         "matmul_bf16_spec": table.get("matmul_bf16_spec"),
         "floors_md": {k: table.get(k) for k in ("copy_bw", "matmul_bf16")} if table else None,
     }
+
+
+def _best_cpu_time(fn, reps=5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_cpu(dtype=torch.float32) -> dict:
+    """This CPU's ceilings on torch's current thread count, in the keys of ``floors.CEILINGS``:
+    ``matmul_bf16`` holds the dense matmul rate *in dtype* (float32 or bfloat16: a 3072^3 matmul
+    on oneDNN with a packed weight, the path the CPU benchmarks' linears take, best of 5),
+    ``fp32`` the float32 one (the depthwise convolutions' FMAs), ``copy_bw`` a 256 MiB copy (read +
+    write, best of 5). Best rather than median: on a shared machine the ceiling is what the cores
+    do when nobody else runs, about two seconds in all."""
+    from uniformer_fast.ops.fully_connected import linear_onednn
+
+    def rate(dt):
+        n = 3072
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        with torch.inference_mode():
+            return 2 * n ** 3 / _best_cpu_time(lambda: linear_onednn(a, b, None, None))
+
+    src = torch.randn(1 << 26)
+    dst = torch.empty_like(src)
+    fp32 = rate(torch.float32)
+    return {"device": "cpu", "copy_bw": 2 * src.numel() * 4 / _best_cpu_time(lambda: dst.copy_(src)),
+            "matmul_bf16": fp32 if dtype == torch.float32 else rate(dtype), "fp32": fp32,
+            "source": f"measured on {torch.get_num_threads()} thread(s): oneDNN {str(dtype)[6:]} matmul, copy"}
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,9 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -331,6 +332,83 @@ def run(benchmark, calls: list, *, work: floors.Work, info: dict, bytes_per_slot
     benchmark.extra_info["median_s"] = median
     benchmark.extra_info["ceilings_source"] = ceil.get("source") if ceil else None
     benchmark.extra_info.update(floors.achieved(work, median, ceil))
+    _append_jsonl(benchmark, stats)
+
+
+# Rounds of a paired group ($UNIFORMER_FAST_BENCH_ROUNDS): each round times every row once.
+PAIRED_ROUNDS = int(os.environ.get("UNIFORMER_FAST_BENCH_ROUNDS", "7"))
+
+
+def _spread(values) -> dict:
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": q[0], "q3": q[2]}
+
+
+def run_paired(benchmark, rows: dict, *, baseline: str, rivals: Sequence[str], info: dict, work_by_row: dict,
+               info_by_row: dict, skipped: dict, rounds: Optional[int] = None, warm: int = 1,
+               ceilings: Optional[dict] = None) -> None:
+    """Time the rows of one group (name -> zero-argument callable, each already called once)
+    alternated in this process, and fill ``extra_info["paired_rows"]`` (benchmarks/report.py
+    makes one table row of each).
+
+    A round runs every row once, in an order rotated by one row each round, so that no row
+    always follows the same neighbour; each timed call follows ``warm`` untimed calls of the same
+    row, so it meets the caches and thread pools as a server calling that engine does, not as the
+    other engine left them (back to back, the first call after the other engine's ran 2-4% slower,
+    UniFormer-S 1x8 on a 2-core EPYC: its weights and buffers evicted by the other's).
+    ``rivals``: the rows of the engine to beat (its configurations); the one with the lowest
+    median, chosen after the rounds, is the group's rival. Each row gets its time's median and
+    range over the rounds, and against ``baseline`` and the rival the median and range of the
+    per-round ratios (their time / this row's, the same round), which machine noise moves far
+    less than it moves either time. ``skipped``: row ->
+    reason, for rows that could not run here (shown as such). ``ceilings``: the floors' ceilings
+    (default: the device's, as ``run``; benchmarks/ceilings.py: measure_cpu for a CPU). The rounds also feed
+    pytest-benchmark as one timed function, so ``--benchmark-*`` options keep working."""
+    names = list(rows)
+    disabled = getattr(benchmark, "disabled", False)
+    n_rounds = 1 if disabled else (rounds or PAIRED_ROUNDS)
+    times = {k: [] for k in names}
+    state = {"round": 0}
+
+    def one_round():
+        r = state["round"]
+        state["round"] += 1
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(0 if disabled else warm):
+                rows[k]()
+            t0 = time.perf_counter()
+            rows[k]()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update({"device": _device_name(), "dtype": DTYPE_NAME, "torch": torch.__version__,
+                                 "cpu_threads": None if ON_CUDA else torch.get_num_threads(),
+                                 "l2": f"{n_rounds} rounds, {warm} untimed call(s) of a row before each timed one",
+                                 "baseline_row": baseline})
+    benchmark.pedantic(one_round, rounds=n_rounds, warmup_rounds=0, iterations=1)
+    ran = [k for k in rivals if times.get(k)]
+    rival = min(ran, key=lambda k: statistics.median(times[k])) if ran else None
+    benchmark.extra_info["rival_row"] = rival
+
+    ceil = ceilings or floors.ceilings_for(_device_name())
+    if ceilings:
+        benchmark.extra_info["ceilings"] = ceilings
+    out = []
+    for k in names:
+        row = {**info_by_row.get(k, {}), "backend": k, "baseline": k == baseline, "rounds": n_rounds,
+               "times_s": times[k], "time": _spread(times[k])}
+        row["median_s"] = row["time"]["median"]
+        for ref, key in ((baseline, "vs_baseline"), (rival, "vs_rival")):
+            if ref in times and ref != k:
+                row[key] = _spread([a / b for a, b in zip(times[ref], times[k])])
+        row.update(floors.achieved(work_by_row[k], row["median_s"], ceil))
+        out.append(row)
+    for k, reason in skipped.items():
+        out.append({**info_by_row.get(k, {}), "backend": k, "baseline": k == baseline, "skipped": reason})
+    benchmark.extra_info["paired_rows"] = out
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     _append_jsonl(benchmark, stats)
 
 

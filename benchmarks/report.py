@@ -32,7 +32,8 @@ def load(paths) -> list:
             continue
         try:
             doc = json.loads(text)
-            records = doc["benchmarks"] if isinstance(doc, dict) else doc
+            # pytest-benchmark's JSON, or a JSON-lines file of one line (a single record)
+            records = (doc["benchmarks"] if "benchmarks" in doc else [doc]) if isinstance(doc, dict) else doc
         except json.JSONDecodeError:
             # JSON lines; a line cut off by a killed run is dropped.
             records = []
@@ -43,7 +44,20 @@ def load(paths) -> list:
                     continue
         for rec in records:
             out[rec.get("fullname") or rec["name"]] = rec
-    return list(out.values())
+    return [row for rec in out.values() for row in expand(rec)]
+
+
+def expand(rec) -> list:
+    """A paired group (``extra_info["paired_rows"]``, benchmarks/harness.py: run_paired) as one
+    record per row, each with the group's fields and its own; any other record as it is."""
+    info = rec.get("extra_info", {})
+    rows = info.get("paired_rows")
+    if not rows:
+        return [rec]
+    common = {k: v for k, v in info.items() if k != "paired_rows"}
+    name, full = rec.get("name", ""), rec.get("fullname") or rec.get("name", "")
+    return [{"group": rec.get("group"), "name": f"{name}[{row['backend']}]", "fullname": f"{full}[{row['backend']}]",
+             "stats": None, "extra_info": {**common, **row, "paired": True}} for row in rows]
 
 
 def per_call(rec) -> "float | None":
@@ -80,7 +94,9 @@ def speedups(rows) -> dict:
     out = {}
     for r in rows:
         t = per_call(r)
-        out[r["extra_info"].get("backend", r["name"])] = (base / t) if (base and t) else None
+        paired = r["extra_info"].get("vs_baseline")  # rows timed alternated: the per-round ratio
+        out[r["extra_info"].get("backend", r["name"])] = (paired["median"] if paired else
+                                                          (base / t) if (base and t) else None)
     return out
 
 
@@ -130,6 +146,9 @@ def markdown(records, *, ceilings=None, title="Benchmark report", env=None) -> s
               "max(bytes / copy bandwidth, tensor-core FLOPs / matmul rate + CUDA-core FLOPs / FP32 rate), "
               "summed over passes (benchmarks/floors.py); % floor = floor / time.", ""]
     for name, rows in groups(records).items():
+        if any(r.get("extra_info", {}).get("paired") for r in rows):
+            lines += _paired_table(name, rows)
+            continue
         sp = speedups(rows)
         lines += [f"### {name}", "",
                   "| backend | time | speedup | GB/s | TFLOP/s | floor | % floor | peak mem | ran |",
@@ -147,6 +166,42 @@ def markdown(records, *, ceilings=None, title="Benchmark report", env=None) -> s
                 f"{'-' if peak is None else f'{peak / 2**30:.2f} GiB'} | {_used(info)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(spread) -> str:
+    if not spread:
+        return "-"
+    return f"{spread['median']:.2f}x ({spread['min']:.2f}-{spread['max']:.2f})"
+
+
+def _paired_table(name, rows) -> list:
+    """A group whose rows ran alternated: median time and range over the rounds, the per-round
+    ratios to the baseline and to the rival row (median and range), the logits' error."""
+    first = rows[0]["extra_info"]
+    rival = first.get("rival_row")
+    lines = [f"### {name}", "", f"Rows alternated in one process: {first.get('l2', '')}; ratios are per round "
+             f"(median, range).", "",
+             f"| backend | time | range | speedup | vs {rival or '-'} | logits err | GB/s | TFLOP/s | % floor | ran |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        info = r["extra_info"]
+        mark = "*" if info.get("baseline") else ""
+        if info.get("skipped"):
+            lines.append(f"| {info['backend']}{mark} | - | - | - | - | - | - | - | - | skipped: "
+                         f"{str(info['skipped']).replace('|', '/')} |")
+            continue
+        t = info.get("time") or {}
+        err = info.get("logits_rel_err")
+        lines.append(
+            f"| {info['backend']}{mark} | {_fmt_time(per_call(r))} | "
+            f"{_fmt_time(t.get('min'))} - {_fmt_time(t.get('max'))} | "
+            f"{'1.00x' if info.get('baseline') else _ratio(info.get('vs_baseline'))} | "
+            f"{'1.00x' if info['backend'] == rival else _ratio(info.get('vs_rival'))} | "
+            f"{_fmt(err, '.1e')} | {_fmt(info.get('gbps'), '.1f')} | {_fmt(info.get('tflops'), '.2f')} | "
+            f"{_fmt(None if info.get('frac_floor') is None else 100 * info['frac_floor'], '.0f', '%')} | "
+            f"{_used(info)} |")
+    lines.append("")
+    return lines
 
 
 def summary(records) -> str:
