@@ -12,6 +12,8 @@ Timing rule (the same for every benchmark):
   statistics are per round; ``extra_info["median_s"]`` is the median round / calls_per_round.
 * On the CPU: one call per round, one input set (caches warm), one thread (see below).
 * The reported time is the median.
+* A paired group (the CPU serving benchmark, :func:`run_paired`) times its rows alternated in one
+  process instead, round by round, and compares them by the per-round ratios.
 """
 from __future__ import annotations
 
