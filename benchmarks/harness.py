@@ -337,6 +337,40 @@ def run(benchmark, calls: list, *, work: floors.Work, info: dict, bytes_per_slot
     _append_jsonl(benchmark, stats)
 
 
+# ---------------------------------------------------------------------------------------------
+# CPU serving: the models both serving tools run
+
+
+SERVING_VARIANT = "uniformer_small"
+
+
+def serving_models():
+    """(ours, official): UniFormer-S with seed-0 weights in eval mode, and the official model
+    holding the same weights (loaded strictly), so every engine computes the same logits."""
+    from uniformer_fast import create_model
+    from uniformer_fast.official import OfficialUniFormer
+
+    torch.manual_seed(0)
+    ours = create_model(SERVING_VARIANT, num_classes=400).eval()
+    cfg = floors.VARIANTS[SERVING_VARIANT]
+    official = OfficialUniFormer(depth=cfg["depth"], embed_dim=cfg["embed_dim"], head_dim=cfg["head_dim"],
+                                 num_classes=400).eval()
+    official.load_state_dict(ours.state_dict(), strict=True)
+    return ours, official
+
+
+def export_official_onnx(official, shape, path: str) -> str:
+    """The official model as its users export it: ``torch.onnx.export`` (dynamo) at the static clip
+    ``shape`` (B, 3, T, H, W), input ``video``, output ``logits``, opset 18. Returns ``path``."""
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad():
+        torch.onnx.export(official, (torch.randn(*shape),), path, dynamo=True, input_names=["video"],
+                          output_names=["logits"], opset_version=18, verbose=False)
+    return path
+
+
 # Rounds of a paired group ($UNIFORMER_FAST_BENCH_ROUNDS): each round times every row once.
 PAIRED_ROUNDS = int(os.environ.get("UNIFORMER_FAST_BENCH_ROUNDS", "7"))
 

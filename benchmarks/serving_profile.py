@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import logging
 import statistics
 import sys
 import tempfile
@@ -26,13 +25,12 @@ import time
 
 import torch
 
-from uniformer_fast import cpu_memory, create_model, ops
+from uniformer_fast import cpu_memory, ops
 from uniformer_fast import model as model_module
-from uniformer_fast.official import OfficialUniFormer
 
 from . import ceilings, floors
+from .harness import SERVING_VARIANT as VARIANT, export_official_onnx, serving_models
 
-VARIANT = "uniformer_small"
 TIMED_OPS = ("linear", "mlp", "attention", "dwconv3d", "dpe_layernorm", "local_mhra_tail")
 
 
@@ -78,22 +76,13 @@ def profile(batch: int, frames: int, size: int, threads: int, rounds: int, preci
 
     torch.set_num_threads(threads)
     cpu_memory.keep_freed_memory()
-    torch.manual_seed(0)
-    ours = create_model(VARIANT, num_classes=400).eval()
-    cfg = floors.VARIANTS[VARIANT]
-    official = OfficialUniFormer(depth=cfg["depth"], embed_dim=cfg["embed_dim"], head_dim=cfg["head_dim"],
-                                 num_classes=400).eval()
-    official.load_state_dict(ours.state_dict(), strict=True)
+    ours, official = serving_models()
     ours.fuse_for_inference()
     x = torch.randn(batch, 3, frames, size, size)
     bf16 = precision == "bf16"
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/official.onnx"
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        with torch.no_grad():
-            torch.onnx.export(official, (x,), path, dynamo=True, input_names=["video"], output_names=["logits"],
-                              opset_version=18, verbose=False)
+        path = export_official_onnx(official, tuple(x.shape), f"{tmp}/official.onnx")
         core = ov.Core()
         net = core.read_model(path)
         net.reshape({net.inputs[0]: list(x.shape)})

@@ -45,21 +45,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 
 import numpy as np
 import pytest
 import torch
 
-from uniformer_fast import cpu_memory, create_model, export_onnx, ops
-from uniformer_fast.official import OfficialUniFormer
+from uniformer_fast import cpu_memory, export_onnx, ops
 
 from . import ceilings, floors
-from .harness import CPU_PRESET, ON_CUDA, compile_enabled, compile_fresh, run_paired
+from .harness import (CPU_PRESET, ON_CUDA, SERVING_VARIANT as VARIANT, compile_enabled, compile_fresh,
+                      export_official_onnx, run_paired, serving_models)
 
 pytestmark = pytest.mark.skipif(ON_CUDA, reason="CPU serving benchmarks run on a CPU machine")
 
-VARIANT = "uniformer_small"
 BASELINE = "official"
 PRECISIONS = ("float32", "bf16")
 # small: batch 2 too, so a smoke run reaches OpenVINO's THROUGHPUT rows
@@ -84,17 +82,6 @@ def _engine(module: str):
     return importlib.import_module(module)
 
 
-def _models():
-    """UniFormer-S with seed-0 weights, and the official model holding the same weights."""
-    torch.manual_seed(0)
-    ours = create_model(VARIANT, num_classes=400).eval()
-    cfg = floors.VARIANTS[VARIANT]
-    official = OfficialUniFormer(depth=cfg["depth"], embed_dim=cfg["embed_dim"], head_dim=cfg["head_dim"],
-                                 num_classes=400).eval()
-    official.load_state_dict(ours.state_dict(), strict=True)
-    return ours, official
-
-
 _exports: dict = {}
 
 
@@ -106,16 +93,12 @@ def _onnx(which: str, batch: int, frames: int, size: int, tmp_dir) -> str:
     if key not in _exports:
         _engine("onnx")
         _engine("onnxscript")
-        ours, official = _models()
+        ours, official = serving_models()
         path = str(tmp_dir / ("-".join(map(str, key)) + ".onnx"))
         if which == "ours":
             export_onnx(ours, path, frames=frames, size=size, dynamic_batch=True)
         else:
-            x = torch.randn(batch, 3, frames, size, size)
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            with torch.no_grad():
-                torch.onnx.export(official, (x,), path, dynamo=True, input_names=["video"],
-                                  output_names=["logits"], opset_version=18, verbose=False)
+            export_official_onnx(official, (batch, 3, frames, size, size), path)
         _exports[key] = path
     return _exports[key]
 
@@ -243,10 +226,10 @@ def test_cpu_serving(benchmark, param, tmp_path_factory):
     tmp_dir = tmp_path_factory.getbasetemp()
     torch.manual_seed(1)
     x = torch.randn(batch, 3, frames, size, size)
-    ours, official = _models()
+    ours, official = serving_models()
     with torch.inference_mode():
         ref = official(x).float()
-    fused = _models()[0].fuse_for_inference()
+    fused = serving_models()[0].fuse_for_inference()
 
     names = [BASELINE] + ([] if bf16 else ["reference"]) + ["auto", "auto+fused", "compile", "onnxruntime", "openvino"]
     rows, info_by_row, skipped = {}, {}, {}

@@ -3,9 +3,12 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+_threads = torch.get_num_threads()
 from benchmarks import serving_profile  # noqa: E402
+torch.set_num_threads(_threads)  # benchmarks.harness sets the benchmarks' thread count at import: not ours
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -26,7 +29,6 @@ def test_bad_arguments_name_the_argument(argv, message, capsys):
 def test_profiles_both_engines(capsys):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxscript")
-    import torch
     threads = torch.get_num_threads()
     try:
         assert serving_profile.main(["--clip", "1x8x32", "--rounds", "1", "--threads", "1"]) == 0
