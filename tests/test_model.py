@@ -103,6 +103,30 @@ def test_matches_official_computation(split, std, train, assert_close):
             assert_close(a.double(), b.double(), name=name)
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("std", [False, True])
+def test_batch_of_one_gradients(split, std, assert_close):
+    """A batch of one: ATen's CPU batch-norm backward reads the stride of the size-1 batch dim,
+    and the official model's divided attention leaves one there that made its own gradients wrong.
+    So the reference is the official model on a batch of two in eval mode (samples independent),
+    the loss on the first sample only."""
+    torch.manual_seed(2)
+    cfg = dict(TINY, split=split, std=std)
+    ours = randomize(uf.UniFormer(**cfg).double()).eval()
+    official = OfficialUniFormer(**cfg).double().eval()
+    official.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, 5, 64, 96, dtype=torch.float64, requires_grad=True)
+    pair = torch.cat([x.detach(), torch.randn_like(x)]).requires_grad_()
+    y_ours, y_pair = ours(x), official(pair)
+    assert_close(y_ours, y_pair[:1], name="logits")
+    g = torch.randn_like(y_ours)
+    grads_ours = torch.autograd.grad(y_ours, [x, *ours.parameters()], g)
+    grads_off = torch.autograd.grad(y_pair[:1], [pair, *official.parameters()], g)
+    names = ["x"] + [n for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, grads_ours, grads_off):
+        assert_close(a, b[:1] if name == "x" else b, name=name)
+
+
 def test_activations_stay_channels_last():
     model = uf.UniFormer(**TINY).eval()
     seen = []

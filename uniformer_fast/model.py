@@ -205,6 +205,21 @@ class CBlock(nn.Module):
         return x + self.drop_path(self.mlp.drop(_pointwise(self.mlp.fc2, h)))
 
 
+def _packed_batch_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied to packed channels-last strides when it is a batch of one whose dim-0 stride
+    is not the packed one and a gradient will flow through it; else ``x`` itself.
+
+    Indexing never reads the stride of a size-1 dim, but ATen's CPU batch-norm backward does: for
+    the stride C that the stage-4 token view's transpose and reshape leave on a batch of one, every
+    gradient through the final BatchNorm3d came out wrong (1.3x the official model's, torch 2.13).
+    A copy (a few hundred KB there), not ``as_strided``, which the ONNX exporter traced into wrong
+    values; inference needs neither."""
+    if x.dim() < 2 or x.shape[0] != 1 or not (x.requires_grad and torch.is_grad_enabled()):
+        return x
+    packed = max(s * n for s, n in zip(x.stride()[1:], x.shape[1:]))
+    return x if x.stride(0) == packed else x.clone(memory_format=torch.channels_last_3d)
+
+
 class SABlock(nn.Module):
     """Stage 3-4 block: DPE, joint spatiotemporal attention over all T*H*W tokens, MLP."""
 
@@ -517,7 +532,7 @@ class UniFormer(nn.Module):
                 else:
                     x = blk(x)
             if i in stages:
-                outputs[i] = self.norm(x) if norm and i == 3 else x
+                outputs[i] = self.norm(_packed_batch_stride(x)) if norm and i == 3 else x
             if i == last:
                 break
         return [outputs[i] for i in stages]
