@@ -40,6 +40,8 @@ ext_modules = [] if os.environ.get("UNIFORMER_FAST_CPP", "1") == "0" else [
 
 setup(
     packages=find_packages(include=["uniformer_fast", "uniformer_fast.*"]),
+    # The class-name lists (uniformer_fast.class_names) travel inside the package.
+    package_data={"uniformer_fast.data": ["classes/*.txt"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

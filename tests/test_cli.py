@@ -74,7 +74,7 @@ def test_module_entry_point():
      "argument --sample-rate: expected an integer >= 1; got 0"),
     (["classify", "v.mp4", "--weights", "w.pth", "--labels", "l.txt", "--size", "31"], 2,
      "argument --size: expected an integer >= 32; got 31"),
-    (["classify", "clip.mp4"], 2, "required: --weights, --labels"),
+    (["classify", "clip.mp4"], 2, "required: --weights"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
 ])
 def test_bad_arguments_get_one_line(args, code, match, capsys):

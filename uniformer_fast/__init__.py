@@ -4,10 +4,12 @@ from . import ops
 from .apps.evaluate import evaluate
 from .apps.extract import extract
 from .checkpoint import load_checkpoint
+from .data.classes import class_names
 from .export import export_onnx
 from .model import UniFormer, create_model, list_models, uniformer_base, uniformer_small
 
 __version__ = "0.1.0"
 
-__all__ = ["UniFormer", "create_model", "evaluate", "export_onnx", "extract", "list_models", "load_checkpoint", "ops",
+__all__ = ["UniFormer", "class_names", "create_model", "evaluate", "export_onnx", "extract", "list_models",
+           "load_checkpoint", "ops",
            "uniformer_base", "uniformer_small", "__version__"]

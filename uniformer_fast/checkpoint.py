@@ -15,6 +15,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .data.classes import class_names, dataset_of
+
 __all__ = ["load_checkpoint", "read_state_dict", "inflate_weight", "resolve_pretrained", "HUB_REPO"]
 
 HUB_REPO = "Sense-X/uniformer_video"
@@ -136,6 +138,11 @@ def load_checkpoint(model: nn.Module, source, *, inflate: Optional[str] = "avera
         strict: raise on missing or unexpected keys (a head of another class count is always
             dropped with a warning and left freshly initialised).
 
+    A checkpoint file named after a dataset whose class count its kept head has
+    (``uniformer_small_k400_16x8.pth``, see :func:`~uniformer_fast.data.classes.dataset_of`) also
+    sets ``model.class_names`` to that dataset's names in the official order; a load that drops
+    the head clears them (the head they named is gone); any other leaves them as they were.
+
     Returns:
         ``(missing_keys, unexpected_keys)``, both empty when ``strict``.
     """
@@ -169,6 +176,13 @@ def load_checkpoint(model: nn.Module, source, *, inflate: Optional[str] = "avera
                              f"missing keys: {', '.join(missing)}" if missing else "",
                              f"unexpected keys: {', '.join(unexpected)}" if unexpected else "") if part))
     model.load_state_dict(sd, strict=False)
+    if hasattr(model, "class_names"):
+        head = sd.get("head.weight")
+        dataset = dataset_of(source, head.shape[0]) if head is not None else None
+        if dropped_head:
+            model.class_names = None
+        elif dataset is not None:
+            model.class_names = class_names(dataset)
     return missing, unexpected
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -356,6 +356,11 @@ class UniFormer(nn.Module):
     ``checkpoint_num[i]`` recomputes the first ``checkpoint_num[i]`` blocks of stage i in the
     backward pass instead of storing their activations. ``attention_fp32`` keeps the attention
     core in float32 under autocast.
+
+    ``class_names``: index -> name of the head's classes, or None. :func:`load_checkpoint` and
+    :func:`create_model` set it from :func:`uniformer_fast.class_names` when the checkpoint is named
+    after a dataset whose class count its head has (``uniformer_small_k400_16x8``); the commands and
+    :func:`uniformer_fast.evaluate` name their outputs with it.
     """
 
     def __init__(self, depth=(3, 4, 8, 3), embed_dim=(64, 128, 320, 512), head_dim: int = 64,
@@ -395,6 +400,7 @@ class UniFormer(nn.Module):
         self.embed_dim = tuple(embed_dim)
         self.in_chans = in_chans
         self.num_classes = num_classes
+        self.class_names: Optional[List[str]] = None
         self.num_features = embed_dim[-1]
         self.checkpoint_num = tuple(checkpoint_num)
 
@@ -596,6 +602,7 @@ class UniFormer(nn.Module):
             raise ValueError(f"num_classes must be an int >= 0; got {num_classes!r}")
         ref = self.norm.weight
         self.num_classes = num_classes
+        self.class_names = None
         if num_classes > 0:
             self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             self._init_weights(self.head)

@@ -2,7 +2,7 @@
 evaluate a labelled list of videos, extract clip features, export a model to ONNX.
 
     uniformer-fast bench                          # UniFormer-S, random weights, a 16x224 clip
-    uniformer-fast classify clip.mp4 --weights uniformer_small_k400_16x4.pth --labels k400.txt
+    uniformer-fast classify clip.mp4 --weights uniformer_small_k400_16x4.pth   # names: k400's
     uniformer-fast evaluate val.csv --weights uniformer_small_k400_16x4.pth --views 4 --out eval/
     uniformer-fast extract videos/ --weights uniformer_small_k400_16x4.pth --out features/
     uniformer-fast export --weights uniformer_small_k400_16x4.pth --out uniformer_small.onnx
@@ -20,6 +20,7 @@ import time
 import torch
 
 from ..checkpoint import load_checkpoint, read_state_dict
+from ..data.classes import DATASETS, class_names, dataset_of
 from ..data.lists import find_videos, read_class_names, read_video_list
 from ..data.video import load_clip
 from ..export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
@@ -129,36 +130,51 @@ def _bench(args):
     return 0
 
 
+def _read_labels(labels):
+    """``--labels``: a file of class names, or a dataset name (:func:`class_names`) when no file
+    of that name exists."""
+    if labels.strip().lower() in DATASETS and not os.path.exists(labels):
+        return class_names(labels)
+    return read_class_names(labels)
+
+
 def _classify(args):
-    labels = read_class_names(args.labels)
-    sd = read_state_dict(args.weights)
-    head = sd.get("head.weight")
-    if head is not None and head.shape[0] != len(labels):
-        raise CLIError(f"{args.weights} classifies {head.shape[0]} classes but {args.labels} names {len(labels)}")
+    model = _load_model(args, require_head=True)
     clip = load_clip(args.video, args.frames, args.sample_rate, args.size)
     device = _device(args.device)
-    model = create_model(args.model, num_classes=len(labels))
-    load_checkpoint(model, sd)
-    model = model.to(device).eval()
     with torch.no_grad():
         probs = model(clip.unsqueeze(0).to(device)).float().softmax(-1)[0].cpu()
-    top = probs.topk(min(args.top, len(labels)))
+    top = probs.topk(min(args.top, model.num_classes))
+    names = model.class_names
+    if names is None:
+        print(f"(no class names: {args.weights} is not named after a dataset ({', '.join(DATASETS)}) with its "
+              f"{model.num_classes} classes; pass --labels FILE or a dataset name)", file=sys.stderr)
     for p, i in zip(top.values.tolist(), top.indices.tolist()):
-        print(f"{p * 100:6.2f}%  {labels[i]}")
+        print(f"{p * 100:6.2f}%  {names[i] if names else f'class {i}'}")
     return 0
 
 
-def _load_model(args, num_classes=None):
+def _load_model(args, *, require_head=False):
     """The model ``--model`` with ``--weights``, its class count from the checkpoint's head (0,
-    pooled features only, when it has none) unless given."""
+    pooled features only, when it has none). Its ``class_names``: ``--labels`` where the command
+    has it and it is given, else the dataset the weights' file name says (with a head of its class
+    count; see :func:`~uniformer_fast.data.classes.dataset_of`), else None."""
     sd = read_state_dict(args.weights)
     head = sd.get("head.weight")
-    if num_classes is None:
-        num_classes = head.shape[0] if head is not None else 0
-    elif head is not None and head.shape[0] != num_classes:
-        raise CLIError(f"{args.weights} classifies {head.shape[0]} classes but {args.labels} names {num_classes}")
+    num_classes = head.shape[0] if head is not None else 0
+    if require_head and not num_classes:
+        raise CLIError(f"{args.weights} has no classifier head (head.weight): {args.command} needs one")
+    names = None
+    if getattr(args, "labels", None):
+        names = _read_labels(args.labels)
+        if len(names) != num_classes:
+            raise CLIError(f"{args.weights} classifies {num_classes} classes but {args.labels} names {len(names)}")
     model = create_model(args.model, num_classes=num_classes)
     load_checkpoint(model, sd)
+    if names is None and num_classes:
+        dataset = dataset_of(args.weights, num_classes)
+        names = class_names(dataset) if dataset else None
+    model.class_names = names
     return model.to(_device(args.device)).eval()
 
 
@@ -169,10 +185,8 @@ def _workers(args):
 def _evaluate(args):
     root = args.root if args.root is not None else (os.path.dirname(os.path.abspath(args.list)))
     videos = read_video_list(args.list, root)
-    names = read_class_names(args.labels) if args.labels else None
-    model = _load_model(args, None if names is None else len(names))
-    if model.num_classes == 0:
-        raise CLIError(f"{args.weights} has no classifier head (head.weight): evaluate needs one")
+    model = _load_model(args, require_head=True)
+    names = model.class_names
     views = f"{args.views} view{'s' * (args.views > 1)} x {args.crops} crop{'s' * (args.crops > 1)}"
     print(f"evaluating {args.model} on {args.list}: {args.protocol} protocol, {views} of "
           f"{args.frames}x{args.size}" + (f" every {args.sample_rate} frames" if args.protocol == "kinetics" else "")
@@ -236,6 +250,11 @@ def _export(args):
     return 0
 
 
+LABELS_HELP = (f"class names: a dataset ({', '.join(DATASETS)}: the official order), or a text file, one per "
+               f"line, or a JSON list / {{name: index}} map (default: the dataset the weights' file name "
+               f"says, as uniformer_small_k400_16x4.pth, when its head has that class count)")
+
+
 def build_parser():
     parser = Parser(prog=PROG, description="UniFormer video model with fused kernels.")
     sub = parser.add_subparsers(dest="command", metavar="{bench,classify,evaluate,extract,export}")
@@ -257,8 +276,7 @@ def build_parser():
     classify = sub.add_parser("classify", help="top-5 classes of a video")
     classify.add_argument("video")
     classify.add_argument("--weights", required=True, help="checkpoint file (.pth or .safetensors)")
-    classify.add_argument("--labels", required=True,
-                          help="class names: a text file, one per line, or a JSON list / {name: index} map")
+    classify.add_argument("--labels", default=None, help=LABELS_HELP)
     classify.add_argument("--model", choices=list_models(), default="uniformer_small")
     classify.add_argument("--frames", type=int_at_least(1), default=16)
     classify.add_argument("--sample-rate", type=int_at_least(1), default=4, help="frame stride (16x4 models: 4)")
@@ -269,8 +287,7 @@ def build_parser():
     evaluate.add_argument("list", help="the official list: 'path label' lines (comma or space separated), or "
                                        "'path num_frames label' (Something-Something)")
     evaluate.add_argument("--weights", required=True, help="checkpoint file (.pth or .safetensors)")
-    evaluate.add_argument("--labels", default=None,
-                          help="class names (one per line, or a JSON list / {name: index} map), named in the output")
+    evaluate.add_argument("--labels", default=None, help=LABELS_HELP + "; named in the output")
     evaluate.add_argument("--root", default=None, help="prefix of the list's relative paths (default: its directory)")
     evaluate.add_argument("--protocol", choices=("kinetics", "sth"), default="kinetics",
                           help="temporal sampling: kinetics (dense clips) or sth (Something-Something segments)")

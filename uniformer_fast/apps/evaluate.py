@@ -112,7 +112,7 @@ def evaluate(model, videos, *, root: Optional[str] = None, num_frames: int = 16,
         precision: ``"auto"`` (bf16 autocast on CUDA, float32 on the CPU), ``"float32"``,
             ``"bfloat16"`` or ``"float16"`` (autocast).
         out_dir: write ``predictions.csv`` (per video: label and the top-``top`` classes with
-            scores, also named when ``class_names`` are given), ``failed.csv`` (videos that could
+            scores, also named when ``class_names`` are given, by default ``model.class_names``), ``failed.csv`` (videos that could
             not be read and why), ``metrics.json`` and ``settings.json``; a later call with the
             same settings and ``out_dir`` skips the videos already in ``predictions.csv``.
 
@@ -141,6 +141,8 @@ def evaluate(model, videos, *, root: Optional[str] = None, num_frames: int = 16,
         raise ValueError(f"{bad[0].key}: label {bad[0].label} outside the model's {num_classes} classes")
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"class_names: {len(class_names)} names for a model of {num_classes} classes")
+    if class_names is None and len(getattr(model, "class_names", None) or ()) == num_classes:
+        class_names = model.class_names  # set from the checkpoint's dataset (load_checkpoint)
     precision, autocast = autocast_for(device, precision)
     top = min(top, num_classes)
 
