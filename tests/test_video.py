@@ -578,3 +578,20 @@ def test_window_indices_bad_arguments(name):
     args[name] = 0
     with pytest.raises(ValueError, match=rf"^{name}:"):
         window_indices(**args)
+
+
+def test_write_video_round_trip(tmp_path):
+    from uniformer_fast.data.video import write_video
+    pytest.importorskip("av")
+    frames = torch.zeros(6, 33, 47, 3, dtype=torch.uint8)
+    frames[:, :, :20] = torch.tensor([200, 40, 90], dtype=torch.uint8)
+    path = write_video(tmp_path / "v.mp4", frames, fps=12.5)
+    with VideoReader(path) as r:
+        assert len(r) == 6 and r.fps == pytest.approx(12.5)
+        back = r.get_frames(range(6))
+    assert back.shape == (6, 34, 48, 3)  # odd sides padded to even with the edge pixels
+    assert (back[:, :33, :18].float() - frames[:, :, :18].float()).abs().mean() < 8  # lossy, but the same picture
+    with pytest.raises(ValueError, match="frames: expected uint8"):
+        write_video(tmp_path / "x.mp4", frames.float())
+    with pytest.raises(ValueError, match="fps"):
+        write_video(tmp_path / "x.mp4", frames, fps=0)

@@ -1,11 +1,14 @@
 """``python -m uniformer_fast`` / ``uniformer-fast``: benchmark the backends, classify a video,
-evaluate a labelled list of videos, extract clip features, export a model to ONNX.
+evaluate a labelled list of videos, extract clip features, export a model to ONNX, show where the
+model looks, serve a web demo.
 
     uniformer-fast bench                          # UniFormer-S, random weights, a 16x224 clip
     uniformer-fast classify clip.mp4 --weights uniformer_small_k400_16x4.pth   # names: k400's
     uniformer-fast evaluate val.csv --weights uniformer_small_k400_16x4.pth --views 4 --out eval/
     uniformer-fast extract videos/ --weights uniformer_small_k400_16x4.pth --out features/
     uniformer-fast export --weights uniformer_small_k400_16x4.pth --out uniformer_small.onnx
+    uniformer-fast explain clip.mp4 --weights uniformer_small_k400_16x4.pth --out heatmaps/
+    uniformer-fast demo --weights uniformer_small_k400_16x4.pth --port 7860
 
 Errors (bad arguments, a missing file, an undecodable video) print one line and exit non-zero.
 """
@@ -26,7 +29,9 @@ from ..data.video import load_clip
 from ..export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
 from ..model import create_model, list_models
 from .bench import DTYPES, ROWS, bench, format_bytes
+from .demo import DEMO_MAX_MB, DEMO_MAX_SECONDS
 from .evaluate import evaluate
+from .explain import METHODS, VIDEO_FORMATS, explain
 from .extract import extract
 from .inference import PRECISIONS, default_workers
 
@@ -257,7 +262,7 @@ LABELS_HELP = (f"class names: a dataset ({', '.join(DATASETS)}: the official ord
 
 def build_parser():
     parser = Parser(prog=PROG, description="UniFormer video model with fused kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,classify,evaluate,extract,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,classify,evaluate,extract,export,explain,demo}")
     bench = sub.add_parser("bench", help="time each backend on a synthetic clip (default command)")
     bench.add_argument("--model", choices=list_models(), default="uniformer_small")
     bench.add_argument("--frames", type=int_at_least(1), default=16)
@@ -333,7 +338,107 @@ def build_parser():
     export.add_argument("--static-batch", action="store_true", help="batch fixed at 1 (default: dynamic)")
     export.add_argument("--opset", type=int, choices=range(MIN_OPSET, MAX_OPSET + 1), default=DEFAULT_OPSET,
                         metavar=f"{{{MIN_OPSET}..{MAX_OPSET}}}", help=f"ONNX opset (default {DEFAULT_OPSET})")
+    explain = sub.add_parser("explain", help="where the model looks: Grad-CAM and attention-rollout heatmaps of a clip")
+    explain.add_argument("video")
+    explain.add_argument("--out", required=True, help="directory for the heatmap videos, PNG frames, montage.png "
+                                                      "and explanation.json")
+    explain.add_argument("--format", choices=VIDEO_FORMATS, default="mp4", help="heatmap video format")
+    explain.add_argument("--methods", type=_methods, default=list(METHODS),
+                         help=f"comma-separated: {', '.join(METHODS)} (default both)")
+    explain.add_argument("--target", default=None,
+                         help="the class to explain: an index or a class name (default: the top-1)")
+    explain.add_argument("--alpha", type=float_in(0.0, 1.0), default=0.5, help="heatmap opacity")
+    explain.add_argument("--top", type=int_at_least(1), default=5)
+    demo = sub.add_parser("demo", help="a web page: upload a video, see the top-5 classes and the heatmaps (Gradio)")
+    demo.add_argument("--port", type=int_in(1, 65535), default=7860, help="port to listen on")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    demo.add_argument("--max-seconds", type=float_in(0.0, low_open=True), default=DEMO_MAX_SECONDS,
+                      help="longest video accepted, in seconds")
+    demo.add_argument("--max-mb", type=float_in(0.0, low_open=True), default=DEMO_MAX_MB,
+                      help="largest upload accepted, in MB")
+    for p, weights_required in ((explain, True), (demo, False)):
+        weights = p.add_mutually_exclusive_group(required=weights_required)
+        weights.add_argument("--weights", default=None, help="checkpoint file (.pth or .safetensors)")
+        weights.add_argument("--pretrained", default=None,
+                             help="an official checkpoint name, as uniformer_small_k400_16x4 (fetched from the "
+                                  "Hugging Face Hub)" + ("" if weights_required else "; with neither, random weights"))
+        p.add_argument("--labels", default=None, help=LABELS_HELP)
+        p.add_argument("--model", choices=list_models(), default="uniformer_small")
+        p.add_argument("--frames", type=int_at_least(1), default=16)
+        p.add_argument("--sample-rate", type=int_at_least(1), default=4, help="frame stride (16x4 models: 4)")
+        p.add_argument("--size", type=int_at_least(32), default=224)
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return parser
+
+
+def _methods(text):
+    methods = [m for m in text.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods or len(set(methods)) != len(methods):
+        raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(METHODS)}, comma-separated; "
+                                         f"got {text!r}")
+    return methods
+
+
+def int_in(low: int, high: int):
+    """An integer in [low, high]."""
+    def parse(text):
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}]; got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def _model_for(args):
+    """``--weights`` / ``--pretrained`` / neither (random weights) -> ``(model in eval mode on
+    --device, what the weights are)``; class names as :func:`_load_model` gives them."""
+    if args.weights is not None:
+        return _load_model(args, require_head=True), args.weights
+    if args.pretrained is not None:
+        model = create_model(args.model, pretrained=args.pretrained)
+        if args.labels:
+            names = _read_labels(args.labels)
+            if len(names) != model.num_classes:
+                raise CLIError(f"{args.pretrained} classifies {model.num_classes} classes but {args.labels} "
+                               f"names {len(names)}")
+            model.class_names = names
+        return model.to(_device(args.device)).eval(), args.pretrained
+    model = create_model(args.model)
+    model.class_names = _read_labels(args.labels) if args.labels else None
+    if model.class_names is not None and len(model.class_names) != model.num_classes:
+        raise CLIError(f"random weights have {model.num_classes} classes but {args.labels} names "
+                       f"{len(model.class_names)}")
+    return model.to(_device(args.device)).eval(), None
+
+
+def _explain(args):
+    model, source = _model_for(args)
+    target = args.target
+    if target is not None and target.isdigit():
+        target = int(target)
+    result = explain(model, args.video, num_frames=args.frames, sample_rate=args.sample_rate, size=args.size,
+                     target=target, methods=args.methods, top=args.top, device=_device(args.device))
+    written = result.save(args.out, video_format=args.format, alpha=args.alpha)
+    for i, name, p in result.top:
+        print(f"{p * 100:6.2f}%  {name if name is not None else f'class {i}'}")
+    what = result.target_name if result.target_name is not None else f"class {result.target}"
+    print(f"explained {what} ({', '.join(args.methods)}) in {result.model_s:.2f} s: wrote "
+          + ", ".join(os.path.relpath(written[m], args.out) for m in args.methods)
+          + f", montage.png, explanation.json and PNG frames under {args.out}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _demo(args):
+    from .demo import DemoSettings, serve
+    model, source = _model_for(args)
+    settings = DemoSettings(num_frames=args.frames, sample_rate=args.sample_rate, size=args.size,
+                            max_seconds=args.max_seconds, max_mb=args.max_mb, weights=source)
+    serve(model, settings, host=args.host, port=args.port)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -356,4 +461,8 @@ def _run(argv):
         return _evaluate(args)
     if args.command == "extract":
         return _extract(args)
+    if args.command == "explain":
+        return _explain(args)
+    if args.command == "demo":
+        return _demo(args)
     return _classify(args)

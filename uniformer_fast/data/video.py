@@ -46,7 +46,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PROTOCOLS = ("kinetics", "sth")
 
-__all__ = ["MEAN", "STD", "PROTOCOLS", "VIDEO_EXTENSIONS", "VideoDecodeError", "VideoReader", "dense_indices",
+__all__ = ["MEAN", "STD", "PROTOCOLS", "VIDEO_EXTENSIONS", "VideoDecodeError", "VideoReader", "write_video", "dense_indices",
            "segment_indices", "view_indices", "random_dense_indices",
            "random_segment_indices", "train_indices", "window_indices", "resize_short_side", "uniform_crop",
            "crop_positions", "normalize", "to_views", "load_views", "load_clip", "read_frames", "sample_indices",
@@ -475,6 +475,33 @@ def load_clip(path, num_frames: int = 16, sample_rate: int = 4, size: int = 224)
     (:func:`dense_indices` with one view, the centre crop after resizing the short side to
     ``size``). :func:`uniformer_fast.data.training.load_clip` also makes training clips."""
     return load_views(path, num_frames, sample_rate, 1, 1, size)[0]
+
+
+def write_video(path, frames, fps: float = 30.0) -> str:
+    """Write uint8 RGB ``frames`` (T, H, W, 3), a tensor or an array, as an MP4 through PyAV:
+    H.264 (libx264, yuv420p; MPEG-4 Part 2 where PyAV has no x264) at ``fps``. yuv420p needs even
+    sides, so an odd one is padded with its edge pixels. Returns ``path``."""
+    import numpy as np
+    from fractions import Fraction
+    av = _av()
+    frames = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise ValueError(f"frames: expected uint8 (T, H, W, 3) with T >= 1; got {frames.dtype} {frames.shape}")
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps: expected a positive number; got {fps!r}")
+    h, w = frames.shape[1:3]
+    if h % 2 or w % 2:
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(os.fspath(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return os.fspath(path)
 
 
 def read_frames(path) -> torch.Tensor:
