@@ -68,6 +68,17 @@ def int_at_least(low: int):
     return parse
 
 
+def int_in(low: int, high: int):
+    """An integer in [low, high]."""
+    def parse(text):
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}]; got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
 def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
     """A finite float in [low, high] (``low_open``/``high_open``: that end excluded)."""
     if high == math.inf:
@@ -169,18 +180,22 @@ def _load_model(args, *, require_head=False):
     num_classes = head.shape[0] if head is not None else 0
     if require_head and not num_classes:
         raise CLIError(f"{args.weights} has no classifier head (head.weight): {args.command} needs one")
-    names = None
-    if getattr(args, "labels", None):
-        names = _read_labels(args.labels)
-        if len(names) != num_classes:
-            raise CLIError(f"{args.weights} classifies {num_classes} classes but {args.labels} names {len(names)}")
     model = create_model(args.model, num_classes=num_classes)
     load_checkpoint(model, sd)
-    if names is None and num_classes:
-        dataset = dataset_of(args.weights, num_classes)
-        names = class_names(dataset) if dataset else None
-    model.class_names = names
-    return model.to(_device(args.device)).eval()
+    dataset = dataset_of(args.weights, num_classes) if num_classes else None
+    model.class_names = class_names(dataset) if dataset else None
+    return _with_labels(model, args, args.weights).to(_device(args.device)).eval()
+
+
+def _with_labels(model, args, source):
+    """``model`` with ``--labels`` (where the command has it and it is given) as its class names;
+    a CLIError unless it names the head's class count."""
+    if getattr(args, "labels", None):
+        names = _read_labels(args.labels)
+        if len(names) != model.num_classes:
+            raise CLIError(f"{source} classifies {model.num_classes} classes but {args.labels} names {len(names)}")
+        model.class_names = names
+    return model
 
 
 def _workers(args):
@@ -380,36 +395,15 @@ def _methods(text):
     return methods
 
 
-def int_in(low: int, high: int):
-    """An integer in [low, high]."""
-    def parse(text):
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}]; got {value}")
-        return value
-    parse.__name__ = "int"
-    return parse
-
-
 def _model_for(args):
     """``--weights`` / ``--pretrained`` / neither (random weights) -> ``(model in eval mode on
     --device, what the weights are)``; class names as :func:`_load_model` gives them."""
     if args.weights is not None:
         return _load_model(args, require_head=True), args.weights
     if args.pretrained is not None:
-        model = create_model(args.model, pretrained=args.pretrained)
-        if args.labels:
-            names = _read_labels(args.labels)
-            if len(names) != model.num_classes:
-                raise CLIError(f"{args.pretrained} classifies {model.num_classes} classes but {args.labels} "
-                               f"names {len(names)}")
-            model.class_names = names
+        model = _with_labels(create_model(args.model, pretrained=args.pretrained), args, args.pretrained)
         return model.to(_device(args.device)).eval(), args.pretrained
-    model = create_model(args.model)
-    model.class_names = _read_labels(args.labels) if args.labels else None
-    if model.class_names is not None and len(model.class_names) != model.num_classes:
-        raise CLIError(f"random weights have {model.num_classes} classes but {args.labels} names "
-                       f"{len(model.class_names)}")
+    model = _with_labels(create_model(args.model), args, "the random weights' head")
     return model.to(_device(args.device)).eval(), None
 
 
